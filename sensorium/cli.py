@@ -72,8 +72,8 @@ def _run_generation(backbone_path: str, tokenizer_path: str, args: argparse.Name
 
     from sensorium.backbone import TextStreamer, generate, load_backbone, load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_path)
     model = load_backbone(backbone_path, dtype=getattr(torch, args.dtype))
+    tokenizer = load_tokenizer(tokenizer_path)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": args.prompt}
