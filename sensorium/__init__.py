@@ -9,6 +9,8 @@ from sensorium.backbone import (
     load_backbone,
     load_tokenizer,
 )
+from sensorium.adapters import load_adapter, save_adapter
+from sensorium.compose import ComposedModel, compose
 from sensorium.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "ComposedModel",
     "CheckpointNotFoundError",
     "Llama",
     "LlamaConfig",
@@ -28,8 +31,11 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "UnsupportedCheckpointError",
+    "compose",
     "embedded_backbone_path",
     "generate",
+    "load_adapter",
     "load_backbone",
     "load_tokenizer",
+    "save_adapter",
 ]

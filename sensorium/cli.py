@@ -1,7 +1,9 @@
 """The ``sensorium`` command.
 
 Subcommands:
-    generate  continue a prompt (or answer a chat turn) with a backbone, streaming tokens to stdout.
+    fit, validate, test, predict   Lightning CLI over a YAML recipe: ``sensorium fit --config R.yaml``.
+    data      write a synthetic data set as webdataset shards.
+    generate  continue a prompt or answer a chat turn, optionally with adapters and media.
     demo      the embedded default end to end (for now: load SmolLM2 and chat one turn).
 
 Errors caused by input (missing or malformed checkpoints, bad options) print one line
@@ -38,8 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", help="tokenizer.json, its folder or a .gguf (default: from --backbone)")
     g.add_argument("--prompt", required=True, help="the prompt text (the user turn with --chat)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--system", default=None, help="system message for --chat")
+    g.add_argument("--system", default=None, help="system message for --chat ('' for none; default: the adapter's)")
+    g.add_argument("--adapter", action="append", default=[], metavar="DIR", help="adapter folder (repeatable)")
+    g.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="image file (repeatable); each adds an image before the prompt (implies --chat)")
     _add_generation_options(g)
+
+    dd = sub.add_parser("data", help="write a synthetic data set", description="Write a synthetic data set as "
+                        "webdataset shards with train/val/test splits.")
+    dd.add_argument("name", choices=["shapes"], help="which set")
+    dd.add_argument("--out", required=True, help="output folder")
+    dd.add_argument("--num", type=int, default=4000, help="training samples (default: 4000)")
+    dd.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
     d = sub.add_parser("demo", help="run the embedded default end to end", description="Run the embedded default.")
     d.add_argument("--prompt", default="What is the capital of France?", help="the question to ask")
@@ -47,15 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sensorium`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return _guarded(lambda: _lightning(argv))
     args = build_parser().parse_args(argv)
+    return _guarded(lambda: _dispatch(args))
+
+
+def _guarded(fn) -> int:
     try:
-        if args.command == "generate":
-            return _generate(args)
-        if args.command == "demo":
-            return _demo(args)
-        raise AssertionError(f"unhandled command {args.command}")
+        return fn()
     except SensoriumError as e:
         if os.environ.get("SENSORIUM_DEBUG"):
             raise
@@ -66,38 +84,86 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _lightning(argv: list[str]) -> int:
+    import torch
+    from lightning.pytorch.cli import LightningCLI
+
+    import lightning as L
+
+    torch.set_flush_denormal(True)
+    saved, sys.argv = sys.argv, [sys.argv[0], *argv]  # LightningCLI reads the command line itself
+    try:
+        LightningCLI(
+            L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "data":
+        return _data(args)
+    if args.command == "demo":
+        return _demo(args)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _data(args: argparse.Namespace) -> int:
+    from sensorium.data.synthetic import make_dataset
+
+    out = make_dataset(args.name, args.out, num=args.num, seed=args.seed)
+    print(f"wrote {args.name} to {out}", file=sys.stderr)
+    return 0
+
+
 def _run_generation(backbone_path: str, tokenizer_path: str, args: argparse.Namespace, *, chat: bool,
-                    system: str | None) -> str:
+                    system: str | None, adapters: Sequence[str] = (), images: Sequence[str] = ()) -> str:
     import torch
 
-    from sensorium.backbone import TextStreamer, generate, load_backbone, load_tokenizer
+    from sensorium.backbone import TextStreamer, load_backbone, load_tokenizer
+    from sensorium.compose import compose
 
     model = load_backbone(backbone_path, dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(tokenizer_path)
-    if chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": args.prompt}
-        ]
-        prompt = tokenizer.apply_chat_template(messages)
-    else:
-        prompt = tokenizer.encode(args.prompt)
+    composed = compose(model, list(adapters), tokenizer=tokenizer)
+    if system is None:  # the prompt format the adapters were trained with
+        systems = {a.manifest_data.get("prompt", {}).get("system") for a in composed.adapters.values()}
+        system = systems.pop() if len(systems) == 1 else None
+    if images and not chat:
+        chat = True
+    content: str | list[dict] = args.prompt
+    if images:
+        content = [{"type": "image", "image": path} for path in images] + [{"type": "text", "text": args.prompt}]
     streamer = TextStreamer(tokenizer.decode)
     t0 = time.perf_counter()
-    out = generate(
-        model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        stop_ids=tokenizer.stop_ids, seed=args.seed, on_token=streamer,
-    )[0]
+    if chat:
+        text = composed.generate(
+            [{"role": "user", "content": content}], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_p=args.top_p, seed=args.seed, system=system, on_token=streamer,
+        )
+    else:
+        ids = composed.generate_ids(
+            [tokenizer.encode(args.prompt)], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_p=args.top_p, seed=args.seed, on_token=streamer,
+        )[0]
+        text = tokenizer.decode(ids)
     dt = time.perf_counter() - t0
     sys.stdout.write("\n")
-    print(f"[{len(out)} tokens in {dt:.2f} s, {len(out) / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
-    return tokenizer.decode(out)
+    n = len(streamer.ids)
+    print(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return text
 
 
 def _generate(args: argparse.Namespace) -> int:
     from sensorium.backbone import embedded_backbone_path
 
     backbone = args.backbone or str(embedded_backbone_path())
-    _run_generation(backbone, args.tokenizer or backbone, args, chat=args.chat, system=args.system)
+    _run_generation(backbone, args.tokenizer or backbone, args, chat=args.chat, system=args.system,
+                    adapters=args.adapter, images=args.image)
     return 0
 
 

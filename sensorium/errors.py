@@ -23,3 +23,7 @@ class UnsupportedCheckpointError(CheckpointError):
 
 class TokenizerError(SensoriumError, ValueError):
     """A tokenizer file is missing, malformed or of an unknown kind."""
+
+
+class MediaError(SensoriumError, ValueError):
+    """A media file or array cannot be decoded or has an unusable shape."""

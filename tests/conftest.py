@@ -58,3 +58,11 @@ def smollm2_tokenizer(smollm2_gguf):
     from sensorium import load_tokenizer
 
     return load_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture
+def parts():
+    """A tiny backbone, a tiny resnet10t encoder and untrained cross-attention and projection adapters."""
+    from tests.tiny import make_parts
+
+    return make_parts()

@@ -151,7 +151,7 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     elif sorted(folder.glob("*.safetensors")):
         files = sorted(folder.glob("*.safetensors"))
     elif (folder / "pytorch_model.bin").is_file():
-        return _torch_load(folder / "pytorch_model.bin")
+        return torch_load_weights(folder / "pytorch_model.bin")
     else:
         raise CheckpointNotFoundError(f"{folder}: config.json but no *.safetensors weights")
     state: dict[str, torch.Tensor] = {}
@@ -173,7 +173,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read safetensors ({e})") from e
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+def torch_load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A dictionary of tensors from a torch file, loaded with ``weights_only=True`` (no code runs)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for truncated or hostile files
@@ -208,7 +209,7 @@ def _read_meta(folder: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise CheckpointNotFoundError(f"{folder}: params.json but no consolidated.*.pth weights")
-    parts = [_torch_load(s) for s in shards]
+    parts = [torch_load_weights(s) for s in shards]
     raw: dict[str, torch.Tensor] = {}
     for key in parts[0]:
         tensors = [p[key] for p in parts]

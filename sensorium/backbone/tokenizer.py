@@ -45,7 +45,9 @@ class ChatML(ChatFormat):
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
         msgs = list(messages)
-        if self.default_system and (not msgs or msgs[0]["role"] != "system"):
+        if msgs and msgs[0]["role"] == "system" and content_text(msgs[0]["content"]) == "":
+            msgs = msgs[1:]  # an empty system message means: no system message, not the default one
+        elif self.default_system and msgs and msgs[0]["role"] != "system":
             msgs = [{"role": "system", "content": self.default_system}, *msgs]
         out = "".join(f"<|im_start|>{m['role']}\n{content_text(m['content'])}<|im_end|>\n" for m in msgs)
         return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")

@@ -1,0 +1,348 @@
+"""One frozen backbone plus any set of trained adapters: forward for training, generate for inference.
+
+Media reach the model as placeholder tokens in the text (``<|image|>``, ``<|video|>``, ``<|speech|>``,
+ids just past the vocabulary) plus, per modality, the items in the order their placeholders appear:
+``{"image": {"inputs": (I, 3, S, S), "counts": (B,)}}`` (or ``"features": (I, N, D)`` already encoded).
+Cross-attention adapters see their media through gated blocks; splice adapters (projection, speech)
+replace their placeholder positions with projected encoder tokens.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sensorium.adapters.cross_attention import MediaInputs
+from sensorium.adapters.fusion import fuse, unfuse
+from sensorium.backbone.model import Llama
+from sensorium.backbone.tokenizer import MODALITY_OF_PLACEHOLDER, PLACEHOLDERS, Tokenizer
+from sensorium.errors import SensoriumError
+
+MODALITIES: tuple[str, ...] = tuple(MODALITY_OF_PLACEHOLDER[p] for p in PLACEHOLDERS)  # image, video, speech
+_PART_TYPES = {"image": "image", "video": "video", "audio": "speech", "speech": "speech"}
+
+
+class MediaMismatchError(SensoriumError, ValueError):
+    """The placeholders in the text do not match the media given (count, modality or adapter)."""
+
+
+def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """Next-token cross-entropy over labelled positions only (``-100`` = ignore).
+
+    Logits are computed for the labelled positions alone, which saves most of the output-head work; a
+    batch with no labels gives a zero loss that still depends on ``hidden`` (never NaN).
+    """
+    h, y = hidden[:, :-1], labels[:, 1:]  # predict token t+1 from position t
+    keep = y != -100  # (B, T-1)
+    if not bool(keep.any()):
+        return hidden.sum() * 0.0
+    logits = head(h[keep])  # (K, vocab)
+    return F.cross_entropy(logits.float(), y[keep])
+
+
+class ComposedModel(nn.Module):
+    """A frozen backbone with trained adapters (and their encoders) composed for forward and generation.
+
+    Args:
+        backbone: the language model (kept frozen).
+        adapters: adapters, at most one per modality.
+        encoders: frozen encoders keyed by modality (needed for raw media; not for precomputed features).
+        tokenizer: used by :meth:`generate`; its placeholder ids are aligned with the backbone's vocabulary.
+    """
+
+    def __init__(
+        self,
+        backbone: Llama,
+        adapters: Sequence[nn.Module] = (),
+        *,
+        encoders: Mapping[str, nn.Module] | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.adapters = nn.ModuleDict()
+        self.encoders = nn.ModuleDict(dict(encoders or {}))
+        self.tokenizer = tokenizer
+        vocab = backbone.config.vocab_size
+        base = vocab if tokenizer is None else max(vocab, tokenizer.placeholder_base)
+        if tokenizer is not None:
+            tokenizer.placeholder_base = base
+        self.placeholder_ids = {m: base + i for i, m in enumerate(MODALITIES)}
+        for adapter in adapters:
+            self.add_adapter(adapter)
+
+    # -------------------------------------------------------------------------------------- adapters
+    def add_adapter(self, adapter: nn.Module) -> None:
+        """Attach an adapter (its blocks go in front of the backbone layers it names)."""
+        if adapter.modality in self.adapters:
+            raise MediaMismatchError(f"a {adapter.modality} adapter is already composed; one per modality")
+        self.adapters[adapter.modality] = adapter
+        if adapter.blocks:
+            fuse(self.backbone.layers, adapter)
+
+    def remove_adapter(self, modality: str) -> nn.Module:
+        """Detach and return the adapter of ``modality``; the backbone's layers are restored."""
+        adapter = self.adapters[modality]
+        unfuse(self.backbone.layers, adapter)
+        del self.adapters[modality]
+        return adapter
+
+    def train(self, mode: bool = True) -> "ComposedModel":
+        super().train(mode)
+        self.backbone.eval()  # frozen: dropout-free eval mode always
+        return self
+
+    # ----------------------------------------------------------------------------------------- media
+    def encode(self, modality: str, entry: Mapping[str, Any]) -> torch.Tensor:
+        """Encoder tokens ``(I, N, D)`` of one modality's items (runs the frozen encoder unless cached)."""
+        if "features" in entry:
+            return entry["features"]
+        if modality not in self.encoders:
+            raise MediaMismatchError(f"raw {modality} input but no {modality} encoder is composed")
+        encoder = self.encoders[modality]
+        inputs = entry["inputs"]
+        grad = any(p.requires_grad for p in encoder.parameters())
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return encoder(inputs).values
+
+    def prepare(self, tokens: torch.Tensor, media: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+        """Encode and project the media for ``tokens`` ``(B, T)``: cross-attention inputs or splice embeddings.
+
+        Raises:
+            MediaMismatchError: a modality has no adapter, or placeholder counts differ from item counts.
+        """
+        state: dict[str, Any] = {}
+        present = {m for m, i in self.placeholder_ids.items() if bool((tokens == i).any())}
+        for modality in present - set(media or {}):
+            raise MediaMismatchError(f"the text holds <|{modality}|> placeholders but no {modality} media was given")
+        for modality, entry in (media or {}).items():
+            if modality not in self.adapters:
+                raise MediaMismatchError(f"{modality} media given but no {modality} adapter is composed")
+            adapter = self.adapters[modality]
+            counts = torch.as_tensor(entry["counts"], device=tokens.device).long()  # (B,)
+            is_ph = tokens == self.placeholder_ids[modality]  # (B, T)
+            per_row = is_ph.sum(-1)
+            expected = counts * adapter.tokens_per_item
+            if not torch.equal(per_row, expected):
+                b = int((per_row != expected).nonzero()[0])
+                raise MediaMismatchError(
+                    f"sample {b}: {int(per_row[b])} <|{modality}|> positions in the text, but {int(counts[b])} "
+                    f"{modality} item(s) x {adapter.tokens_per_item} position(s) each = {int(expected[b])}"
+                )
+            feats = self.encode(modality, entry)  # (I, N, D)
+            if adapter.blocks:
+                state[modality] = self._cross_attention_inputs(adapter, feats, counts, is_ph)
+            else:
+                state[modality] = adapter(feats).reshape(-1, self.backbone.config.dim)  # (I*N, dim)
+        return state
+
+    @staticmethod
+    def _cross_attention_inputs(adapter: nn.Module, feats: torch.Tensor, counts: torch.Tensor,
+                                is_ph: torch.Tensor) -> MediaInputs:
+        B, M = counts.shape[0], max(int(counts.max()), 1)
+        I, N, D = feats.shape
+        row = torch.repeat_interleave(torch.arange(B, device=feats.device), counts)  # (I,)
+        first = torch.cumsum(counts, 0) - counts  # index of each row's first item
+        col = torch.arange(I, device=feats.device) - first[row]  # item index within its row
+        grid = feats.new_zeros(B, M, N, D)
+        grid[row, col] = feats  # (B, M, N, D)
+        valid = torch.zeros(B, M, dtype=torch.bool, device=feats.device)
+        valid[row, col] = True
+        slot = torch.full((B, M), torch.iinfo(torch.long).max, dtype=torch.long, device=feats.device)
+        rows, positions = is_ph.nonzero(as_tuple=True)  # row-major: placeholders in reading order
+        slot[row, col] = positions
+        assert torch.equal(rows, row), "placeholder rows must match item rows"
+        return adapter.prepare(grid, valid, slot)
+
+    def embed(self, tokens: torch.Tensor, state: Mapping[str, Any]) -> torch.Tensor:
+        """Input embeddings ``(B, T, dim)``: token embeddings with placeholder positions filled in."""
+        vocab = self.backbone.config.vocab_size
+        is_ph = tokens >= vocab
+        x = self.backbone.embed(tokens.masked_fill(is_ph, 0))  # (B, T, dim)
+        if not bool(is_ph.any()):
+            return x
+        for modality, ph in self.placeholder_ids.items():
+            where = tokens == ph
+            if not bool(where.any()):
+                continue
+            if modality not in self.adapters:
+                raise MediaMismatchError(f"<|{modality}|> in the text but no {modality} adapter is composed")
+            adapter = self.adapters[modality]
+            if adapter.blocks:
+                fill = adapter.placeholder_embedding.to(x.dtype).expand(int(where.sum()), -1)
+            else:
+                fill = state[modality].to(x.dtype)
+            x = x.masked_scatter(where[..., None], fill)
+        unknown = is_ph & ~torch.isin(tokens, torch.tensor(list(self.placeholder_ids.values()), device=tokens.device))
+        if bool(unknown.any()):
+            raise ValueError(f"token id {int(tokens[unknown][0])} is outside the vocabulary [0, {vocab})")
+        return x
+
+    # --------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        media: Mapping[str, Mapping[str, Any]] | None = None,
+        media_state: Mapping[str, Any] | None = None,
+        labels: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
+        start: int = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits ``(B, T, vocab)``, or the mean next-token loss when ``labels`` are given.
+
+        Args:
+            tokens: ids with placeholders ``(B, T)``.
+            media: per modality, the items for the placeholders (see the module docstring).
+            media_state: the result of :meth:`prepare`, to reuse encoded media (generation).
+            labels: ``(B, T)`` targets, ``-100`` where no loss is taken.
+            pad_mask: ``(B, start + T)`` real-token mask for left-padded batches.
+            start: cache slot of the first position.
+            last_only: logits of the last position only.
+        """
+        state = media_state if media_state is not None else self.prepare(tokens, media)
+        x = self.embed(tokens, state if start == 0 else {})
+        extras = {m: s for m, s in state.items() if isinstance(s, MediaInputs)}
+        if labels is None:
+            return self.backbone(embeds=x, pad_mask=pad_mask, start=start, extras=extras, last_only=last_only)
+        hidden = self.backbone(embeds=x, pad_mask=pad_mask, start=start, extras=extras, return_hidden=True)
+        return lm_loss(hidden, labels, self.backbone.lm_head)
+
+    def setup_caches(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None) -> None:
+        self.backbone.setup_caches(batch_size, max_len, dtype=dtype)
+
+    def clear_caches(self) -> None:
+        self.backbone.clear_caches()
+
+    # ------------------------------------------------------------------------------------ generation
+    def expand_placeholders(self, ids: Sequence[int]) -> list[int]:
+        """Repeat each splice adapter's placeholder to its number of positions."""
+        out: list[int] = []
+        lengths = {self.placeholder_ids[m]: a.tokens_per_item for m, a in self.adapters.items()}
+        for i in ids:
+            out.extend([i] * lengths.get(i, 1))
+        return out
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        system: str | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> str | list[str]:
+        """Answer one conversation (or a batch of them) whose messages may hold media.
+
+        Message content is a string or a list of parts: ``{"type": "text", "text": ...}``,
+        ``{"type": "image", "image": path | PIL image | array | tensor}`` (likewise ``video``, ``audio``).
+        Media are encoded once; cross-attention K/V are computed once per generation.
+
+        Args:
+            messages: a conversation, or a list of conversations (answered as one batch).
+            max_new_tokens: most tokens per answer.
+            temperature: 0 for greedy decoding.
+            top_p: nucleus sampling mass.
+            seed: sampling seed.
+            system: system message (None: the tokenizer's default; "": no system message).
+            on_token: streaming callback ``(row, token_id)``.
+        """
+        assert self.tokenizer is not None, "compose(..., tokenizer=...) is needed for generate"
+        single = bool(messages) and isinstance(messages[0], Mapping)
+        chats = [messages] if single else list(messages)
+        prompts, items = [], {m: [] for m in MODALITIES}
+        counts = {m: [] for m in MODALITIES}
+        for chat in chats:
+            chat = list(chat)
+            if system is not None:
+                chat = [{"role": "system", "content": system}] + [m for m in chat if m["role"] != "system"]
+            per_chat = {m: 0 for m in MODALITIES}
+            for msg in chat:
+                if isinstance(msg["content"], str):
+                    continue
+                for part in msg["content"]:
+                    modality = _PART_TYPES.get(part.get("type", ""))
+                    if modality is not None:
+                        items[modality].append(part.get(part["type"]))
+                        per_chat[modality] += 1
+            for m in MODALITIES:
+                counts[m].append(per_chat[m])
+            prompts.append(self.expand_placeholders(self.tokenizer.apply_chat_template(chat)))
+        device = next(self.backbone.parameters()).device
+        media = {
+            m: {"inputs": self.preprocess(m, items[m]).to(device), "counts": counts[m]}
+            for m in MODALITIES if items[m]
+        }
+        out = self.generate_ids(prompts, media, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed, on_token=on_token)
+        texts = [self.tokenizer.decode(o) for o in out]
+        return texts[0] if single else texts
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        media: Mapping[str, Mapping[str, Any]] | None = None,
+        *,
+        max_new_tokens: int = 64,
+        stop_ids: Sequence[int] | None = None,
+        **sampling: Any,
+    ) -> list[list[int]]:
+        """Continue token prompts (placeholders already expanded) given their media; new ids per prompt.
+
+        Media are encoded and projected once, before decoding starts.
+        """
+        from sensorium.backbone.generate import generate
+
+        device = next(self.backbone.parameters()).device
+        L = max(len(p) for p in prompts)
+        padded = torch.zeros(len(prompts), L, dtype=torch.long, device=device)  # left-padded, as generate() does
+        for i, p in enumerate(prompts):
+            padded[i, L - len(p) :] = torch.tensor(list(p), device=device)
+        state = self.prepare(padded, media)
+        if stop_ids is None:
+            stop_ids = sorted(self.tokenizer.stop_ids) if self.tokenizer is not None else []
+        return generate(self, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                        forward_kwargs={"media_state": state}, **sampling)
+
+    def preprocess(self, modality: str, raw: Sequence[Any]) -> torch.Tensor:
+        """Stack the encoder's preprocessing of raw items (paths, arrays, tensors)."""
+        if modality not in self.encoders:
+            raise MediaMismatchError(f"{modality} input but no {modality} encoder is composed")
+        encoder = self.encoders[modality]
+        return torch.stack([encoder.preprocess(Path(r) if isinstance(r, str) else r) for r in raw])
+
+
+def compose(
+    backbone: Llama,
+    adapters: Sequence[nn.Module | str | Path],
+    *,
+    tokenizer: Tokenizer | None = None,
+    strict: bool = False,
+) -> ComposedModel:
+    """One model from a backbone and trained adapters (modules or adapter folders).
+
+    Adapter folders are checked against the backbone (shapes must match; a weight-hash mismatch warns,
+    or fails with ``strict=True``) and bring their encoders.
+    """
+    from sensorium.adapters.artifact import load_adapter, load_encoder
+
+    modules, encoders = [], {}
+    for a in adapters:
+        if isinstance(a, (str, Path)):
+            module = load_adapter(a, backbone=backbone, strict=strict)
+            encoders[module.modality] = load_encoder(a)
+        else:
+            module = a
+        modules.append(module)
+    return ComposedModel(backbone, modules, encoders=encoders, tokenizer=tokenizer)
+
+
+__all__ = ["ComposedModel", "MediaMismatchError", "compose", "lm_loss"]

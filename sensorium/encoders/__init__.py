@@ -1,0 +1,21 @@
+"""Frozen pretrained encoders: each returns :class:`Features` for a batch of media."""
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from sensorium.encoders.base import Features, FrozenMixin
+from sensorium.encoders.image import ImageEncoder, ImageEncoderSpec, load_image, save_encoder
+
+
+def build_encoder(spec: dict[str, Any]) -> nn.Module:
+    """An encoder from a manifest's encoder spec (``kind`` selects the class; unknown keys are ignored)."""
+    kind = spec.get("kind", "image")
+    if kind == "image":
+        fields = {f.name for f in dataclasses.fields(ImageEncoderSpec)}
+        return ImageEncoder(ImageEncoderSpec(**{k: v for k, v in spec.items() if k in fields}))
+    raise ValueError(f"unknown encoder kind {kind!r}")
+
+
+__all__ = ["Features", "FrozenMixin", "ImageEncoder", "ImageEncoderSpec", "build_encoder", "load_image", "save_encoder"]

@@ -1,0 +1,8 @@
+"""Lightning modules, data modules and callbacks for training adapters and pretraining encoders."""
+
+from sensorium.training.callbacks import AdapterExport, FlushDenormal
+from sensorium.training.datamodules import ShardDataModule
+from sensorium.training.modules import ImageAdapterModule
+from sensorium.training.pretrain import ImageEncoderPretrainModule
+
+__all__ = ["AdapterExport", "FlushDenormal", "ImageAdapterModule", "ImageEncoderPretrainModule", "ShardDataModule"]

@@ -1,0 +1,71 @@
+"""DataModule over webdataset shards; the LightningModule supplies the sample decoder and the collator."""
+
+import multiprocessing
+import sys
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from sensorium.data.shards import sample_pipeline
+from sensorium.data.synthetic import make_dataset
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Train/val/test splits of webdataset shards under ``root/<split>/``.
+
+    Args:
+        root: folder with ``train/``, ``val/`` and ``test/`` shard folders.
+        synthetic: name of a synthetic set (``shapes``...) generated into ``root`` on first use when absent.
+        num_train: training samples to generate for a synthetic set.
+        seed: generation and shuffling seed.
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        shuffle_buffer: training sample shuffle buffer.
+        start_method: worker start method (``forkserver`` for audio: torchaudio threads can deadlock after fork).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/shapes",
+        synthetic: str | None = "shapes",
+        num_train: int = 4000,
+        seed: int = 0,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 1,
+        shuffle_buffer: int = 1000,
+        start_method: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root)
+
+    def prepare_data(self) -> None:
+        if self.hparams.synthetic and not (self.root / "info.json").is_file():
+            print(f"generating synthetic '{self.hparams.synthetic}' data into {self.root}", file=sys.stderr)
+            make_dataset(self.hparams.synthetic, self.root, num=self.hparams.num_train, seed=self.hparams.seed)
+
+    def _loader(self, split: str, *, train: bool) -> DataLoader:
+        module = self.trainer.lightning_module
+        ds = sample_pipeline(
+            self.root / split, module.sample_decoder(), shuffle=self.hparams.shuffle_buffer if train else 0,
+            seed=self.hparams.seed,
+        )
+        workers = self.hparams.num_workers
+        ctx = multiprocessing.get_context(self.hparams.start_method) if workers and self.hparams.start_method else None
+        return DataLoader(
+            ds, batch_size=self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
+            collate_fn=module.collator(), num_workers=workers, persistent_workers=train and workers > 0,
+            multiprocessing_context=ctx,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

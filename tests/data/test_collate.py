@@ -1,0 +1,67 @@
+"""Collator: chat prompts with placeholders, labels on assistant turns only, truncation around media."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sensorium.data.collate import ChatCollator
+from tests.test_compose import word_tokenizer
+
+PH = 512
+
+
+def _collator(**kw) -> ChatCollator:
+    tok = word_tokenizer()
+    tok.placeholder_base = PH
+    return ChatCollator(tok, {"image": PH}, **kw)
+
+
+def test_caption_sample_labels_only_the_answer():
+    c = _collator(tokens_per_item={"image": 3}, prompt="what is this ?")
+    b = c([{"text": "a red circle .", "media": {"image": [torch.zeros(3, 2, 2)]}, "__key__": "k"}])
+    tok = c.tokenizer
+    ids, labels = b.tokens[0].tolist(), b.labels[0].tolist()
+    assert ids.count(PH) == 3 and all(y == -100 for i, y in zip(ids, labels, strict=True) if i == PH)
+    answer = [y for y in labels if y != -100]
+    assert answer == tok.encode("a red circle .") + [2] + tok.encode("\n")  # words and end-of-turn token
+    assert b.media["image"]["counts"].tolist() == [1]
+
+
+def test_multi_turn_messages_label_every_assistant_turn():
+    c = _collator()
+    sample = {"messages": [
+        {"role": "user", "content": "<|image|> what is this ?"}, {"role": "assistant", "content": "a circle ."},
+        {"role": "user", "content": "red ?"}, {"role": "assistant", "content": "w1 ."},
+    ], "media": {"image": [torch.zeros(3, 2, 2)]}}
+    b = c([sample])
+    labelled = [y for y in b.labels[0].tolist() if y != -100]
+    tok = c.tokenizer
+    assert labelled == tok.encode("a circle .") + [2] + tok.encode("\n") + tok.encode("w1 .") + [2] + tok.encode("\n")
+
+
+def test_bad_samples_are_skipped_and_reported():
+    c = _collator()
+    b = c([{"__bad__": "broken jpg", "__key__": "x", "__url__": "s.tar"},
+           {"text": "a .", "media": {"image": [torch.zeros(3, 2, 2), torch.zeros(3, 2, 2)]},
+            "messages": [{"role": "user", "content": "<|image|> w1"}, {"role": "assistant", "content": "a"}]}])
+    assert len(b) == 0 and [r[1] for r in b.bad] == ["x", "?"]
+    assert "2 image items but 1 placeholders" in b.bad[1][2]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_items=st.integers(0, 3), per_item=st.integers(1, 6), max_len=st.integers(4, 40),
+       words=st.lists(st.sampled_from(["red", "blue", "circle", "w3", "w7", "."]), min_size=1, max_size=12))
+def test_truncation_never_cuts_a_media_span(n_items, per_item, max_len, words):
+    c = _collator(tokens_per_item={"image": per_item}, max_len=max_len, prompt="what ?")
+    sample = {"text": " ".join(words), "media": {"image": [torch.full((1,), float(i)) for i in range(n_items)]}}
+    b = c([sample])
+    ids = b.tokens[0].tolist()
+    real = ids[: max(i for i, t in enumerate(ids) if t != 0) + 1] if any(t != 0 for t in ids) else []
+    assert len(b.tokens[0]) <= max_len
+    n_ph = real.count(PH)
+    kept = int(b.media["image"]["counts"][0]) if "image" in b.media else 0
+    assert n_ph == kept * per_item  # whole spans only, each with its item
+    if kept:
+        kept_items = b.media["image"]["inputs"]
+        assert [int(x[0]) for x in kept_items] == list(range(kept))  # the first items, in order
+    assert all(y == -100 or y < PH for y in b.labels[0].tolist())
