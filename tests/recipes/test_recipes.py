@@ -22,7 +22,7 @@ def _run(recipe: str, tmp: Path, *extra: str) -> int:
         "fit", "--config", f"recipes/{recipe}", "--trainer.max_steps", "2", "--trainer.val_check_interval", "1",
         "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
         "--data.root", str(tmp / "shapes"), "--data.num_train", "64", "--data.batch_size", "4",
-        "--data.num_workers", "0", *extra,
+        "--data.num_workers", "0", "--trainer.default_root_dir", str(tmp), *extra,
     ])
 
 
