@@ -71,13 +71,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _guarded(lambda: _dispatch(args))
 
 
+def _sensorium_cause(e: BaseException | None) -> SensoriumError | None:
+    """The SensoriumError behind ``e`` (jsonargparse wraps errors raised while instantiating a recipe)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, SensoriumError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _guarded(fn) -> int:
     try:
         return fn()
-    except SensoriumError as e:
-        if os.environ.get("SENSORIUM_DEBUG"):
+    except Exception as e:
+        cause = _sensorium_cause(e)
+        if cause is None or os.environ.get("SENSORIUM_DEBUG"):
             raise
-        print(f"sensorium: error: {e}", file=sys.stderr)
+        print(f"sensorium: error: {cause}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nsensorium: interrupted", file=sys.stderr)

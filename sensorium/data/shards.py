@@ -126,7 +126,7 @@ def sample_pipeline(
         empty_check=False,
     )
     if shuffle:
-        ds = ds.shuffle(shuffle, initial=min(shuffle, 100))
+        ds = ds.shuffle(shuffle, initial=min(shuffle, 100), seed=seed)
     ds = ds.map(decode)
     if epoch_samples:
         ds = ds.with_epoch(epoch_samples)

@@ -6,6 +6,7 @@ the adapter folder is written at every checkpoint and at the end of training.
 
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,9 @@ class ImageAdapterModule(L.LightningModule):
         eval_max_new_tokens: int = 16,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
         encoder = encoder or ImageEncoderSpec()
+        self.save_hyperparameters(ignore=["encoder"])
+        self.hparams["encoder"] = asdict(encoder)  # plain data: checkpoints load with weights_only=True
         if encoder.checkpoint and not Path(encoder.checkpoint).is_file():
             raise SensoriumError(
                 f"encoder checkpoint {encoder.checkpoint} does not exist; pretrain it first with "
@@ -114,11 +116,15 @@ class ImageAdapterModule(L.LightningModule):
         else:
             raise SensoriumError(f"unknown adapter kind {adapter!r} (use 'cross_attention' or 'projection')")
         self.model = ComposedModel(bb, [module], encoders={"image": enc}, tokenizer=self.tokenizer)
-        self.adapter = module
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.bad: list[tuple[str, str, str]] = []
         self.samples_seen = 0
         self._test_results: list[dict[str, Any]] = []
+
+    @property
+    def adapter(self) -> torch.nn.Module:
+        """The adapter being trained (owned by ``self.model``)."""
+        return self.model.adapters[self.modality]
 
     # ------------------------------------------------------------------------------------------ data
     def sample_decoder(self) -> ImageSampleDecoder:
@@ -153,7 +159,7 @@ class ImageAdapterModule(L.LightningModule):
             return None
         loss = self.model(batch.tokens, media=batch.media, labels=batch.labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
-        self.log("train/skipped", float(len(self.bad)), prog_bar=bool(self.bad), batch_size=len(batch))
+        self.log("train/skipped", float(len(self.bad)), prog_bar=True, batch_size=len(batch))
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:

@@ -8,6 +8,7 @@ what a cross-attention adapter, with no positional encoding on media, needs.
 """
 
 import sys
+from dataclasses import asdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,9 @@ class ImageEncoderPretrainModule(L.LightningModule):
         warmup_steps: int = 20,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
         spec = encoder or ImageEncoderSpec()
+        self.save_hyperparameters(ignore=["encoder"])
+        self.hparams["encoder"] = asdict(spec)  # plain data: checkpoints load with weights_only=True
         spec = ImageEncoderSpec(**{**spec.__dict__, "frozen": False, "checkpoint": spec.checkpoint})
         self.encoder = ImageEncoder(spec)
         self.attributes = attributes or SHAPES_ATTRIBUTES

@@ -1,0 +1,117 @@
+"""Image training on a tiny local backbone: bad samples skipped and reported, generate with adapters."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers
+
+from sensorium.cli import main
+from sensorium.data.synthetic import make_dataset
+from tests.conftest import make_hf_llama
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+WORDS = ["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "a", "small", "large", "red", "green", "blue",
+         "yellow", "purple", "orange", "circle", "square", "triangle", "cross", "on", "the", "left", "right", "in",
+         "middle", "Describe", "image."]
+
+
+def tiny_backbone_folder(folder: Path) -> Path:
+    make_hf_llama(folder, vocab_size=64)
+    tok = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": "<|im_start|>"}))
+    return folder
+
+
+def _add_bad_samples(shard: Path) -> None:
+    """Append a corrupt, a zero-byte and a non-image .jpg (each with a valid caption) to a shard."""
+    with tarfile.open(shard) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    good_jpg = next(data for m, data in members if m.name.endswith(".jpg"))
+    bad = {"bad-corrupt": good_jpg[: len(good_jpg) // 3], "bad-empty": b"", "bad-text": b"this is not an image"}
+    with tarfile.open(shard, "w") as t:
+        for m, data in members:
+            t.addfile(m, io.BytesIO(data))
+        for key, data in bad.items():
+            for name, payload in ((f"{key}.jpg", data), (f"{key}.json", json.dumps({"text": "a red circle"}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                t.addfile(info, io.BytesIO(payload))
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    backbone = tiny_backbone_folder(root / "backbone")
+    data = make_dataset("shapes", root / "shapes", num=40, seed=0)
+    for shard in sorted((data / "train").glob("*.tar")):
+        _add_bad_samples(shard)
+    return root, backbone, data
+
+
+def _fit(root, backbone, data, *extra) -> list[str]:
+    return [
+        "fit", "--config", str(RECIPES / "image/shapes.yaml"), "--model.backbone", str(backbone),
+        "--model.encoder", json.dumps({"name": "resnet10t", "image_size": 32, "checkpoint": None}), "--model.every", "1",
+        "--model.adapter_dir", str(root / "adapter"), "--data.root", str(data), "--data.batch_size", "8",
+        "--data.num_workers", "0", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+        "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(root),
+        "--trainer.logger.init_args.save_dir", str(root / "logs"),
+        *extra,
+    ]
+
+
+def test_bad_images_in_a_shard_are_skipped_counted_and_reported(tiny_setup, capsys, monkeypatch):
+    root, backbone, data = tiny_setup
+    monkeypatch.chdir(root)
+    # 43 samples (3 bad) in batches of 16: three steps read the training split exactly once
+    assert main(_fit(root, backbone, data, "--model.max_bad_fraction", "0.5", "--data.batch_size", "16",
+                     "--trainer.max_steps", "3")) == 0
+    err = capsys.readouterr().err
+    assert "skipped 3 unreadable samples of 43" in err
+    for key, reason in (("bad-corrupt", "not a readable image"), ("bad-empty", "zero bytes"),
+                        ("bad-text", "not a readable image")):
+        assert any(key in line and reason in line for line in err.splitlines()), (key, err[-2000:])
+    assert (root / "adapter" / "manifest.json").is_file()
+
+
+def test_too_much_bad_data_fails_the_run(tiny_setup, capsys, monkeypatch):
+    root, backbone, data = tiny_setup
+    monkeypatch.chdir(root)
+    rc = main(_fit(root, backbone, data, "--model.max_bad_fraction", "0.01", "--trainer.max_steps", "12",
+                   "--model.adapter_dir", str(root / "adapter2")))
+    err = capsys.readouterr().err
+    assert rc == 2 and "unreadable (more than 1%)" in err and "shard-000000.tar" in err
+
+
+def test_generate_with_adapter_and_several_images(tiny_setup, capsys, monkeypatch):
+    root, backbone, data = tiny_setup
+    monkeypatch.chdir(root)
+    if not (root / "adapter" / "manifest.json").is_file():
+        assert main(_fit(root, backbone, data, "--model.max_bad_fraction", "0.5")) == 0
+    import numpy as np
+
+    from sensorium.data.synthetic import render_shapes_sample
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        img, _ = render_shapes_sample(rng)
+        paths.append(root / f"img{i}.png")
+        img.save(paths[-1])
+    capsys.readouterr()
+    base = ["generate", "--backbone", str(backbone), "--adapter", str(root / "adapter"), "--prompt", "Describe the image.",
+            "--max-new-tokens", "5"]
+    assert main([*base, "--image", str(paths[0])]) == 0
+    assert main([*base, "--image", str(paths[0]), "--image", str(paths[1])]) == 0
+    assert "tokens/s" in capsys.readouterr().err
+    (root / "broken.png").write_bytes(b"\x89PNG broken")
+    assert main([*base, "--image", str(root / "broken.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sensorium: error:") and "broken.png" in err and len(err.splitlines()) == 1
