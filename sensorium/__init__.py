@@ -1,5 +1,6 @@
 """sensorium: teach a frozen Llama-architecture language model to see, watch and listen."""
 
+from sensorium.adapters import load_adapter, save_adapter
 from sensorium.backbone import (
     Llama,
     LlamaConfig,
@@ -9,7 +10,6 @@ from sensorium.backbone import (
     load_backbone,
     load_tokenizer,
 )
-from sensorium.adapters import load_adapter, save_adapter
 from sensorium.compose import ComposedModel, compose
 from sensorium.errors import (
     CheckpointError,

@@ -44,13 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", action="append", default=[], metavar="DIR", help="adapter folder (repeatable)")
     g.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="image file (repeatable); each adds an image before the prompt (implies --chat)")
+    g.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="video clip (repeatable); each adds a clip before the prompt (implies --chat)")
     _add_generation_options(g)
 
     dd = sub.add_parser("data", help="write a synthetic data set", description="Write a synthetic data set as "
                         "webdataset shards with train/val/test splits.")
-    dd.add_argument("name", choices=["shapes"], help="which set")
+    dd.add_argument("name", choices=["shapes", "moving-shapes"], help="which set")
     dd.add_argument("--out", required=True, help="output folder")
-    dd.add_argument("--num", type=int, default=4000, help="training samples (default: 4000)")
+    dd.add_argument("--num", type=int, default=None, help="training samples (default: 4000 shapes, 2000 clips)")
     dd.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
     d = sub.add_parser("demo", help="run the embedded default end to end", description="Run the embedded default.")
@@ -97,10 +99,9 @@ def _guarded(fn) -> int:
 
 
 def _lightning(argv: list[str]) -> int:
+    import lightning as L
     import torch
     from lightning.pytorch.cli import LightningCLI
-
-    import lightning as L
 
     torch.set_flush_denormal(True)
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]  # LightningCLI reads the command line itself
@@ -127,13 +128,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _data(args: argparse.Namespace) -> int:
     from sensorium.data.synthetic import make_dataset
 
-    out = make_dataset(args.name, args.out, num=args.num, seed=args.seed)
+    num = args.num or (2000 if args.name == "moving-shapes" else 4000)
+    out = make_dataset(args.name, args.out, num=num, seed=args.seed)
     print(f"wrote {args.name} to {out}", file=sys.stderr)
     return 0
 
 
 def _run_generation(backbone_path: str, tokenizer_path: str, args: argparse.Namespace, *, chat: bool,
-                    system: str | None, adapters: Sequence[str] = (), images: Sequence[str] = ()) -> str:
+                    system: str | None, adapters: Sequence[str] = (), media: Sequence[tuple[str, str]] = ()) -> str:
     import torch
 
     from sensorium.backbone import TextStreamer, load_backbone, load_tokenizer
@@ -145,11 +147,10 @@ def _run_generation(backbone_path: str, tokenizer_path: str, args: argparse.Name
     if system is None:  # the prompt format the adapters were trained with
         systems = {a.manifest_data.get("prompt", {}).get("system") for a in composed.adapters.values()}
         system = systems.pop() if len(systems) == 1 else None
-    if images and not chat:
-        chat = True
     content: str | list[dict] = args.prompt
-    if images:
-        content = [{"type": "image", "image": path} for path in images] + [{"type": "text", "text": args.prompt}]
+    if media:
+        chat = True
+        content = [{"type": kind, kind: path} for kind, path in media] + [{"type": "text", "text": args.prompt}]
     streamer = TextStreamer(tokenizer.decode)
     t0 = time.perf_counter()
     if chat:
@@ -174,8 +175,9 @@ def _generate(args: argparse.Namespace) -> int:
     from sensorium.backbone import embedded_backbone_path
 
     backbone = args.backbone or str(embedded_backbone_path())
+    media = [("image", p) for p in args.image] + [("video", p) for p in args.video]
     _run_generation(backbone, args.tokenizer or backbone, args, chat=args.chat, system=args.system,
-                    adapters=args.adapter, images=args.image)
+                    adapters=args.adapter, media=media)
     return 0
 
 

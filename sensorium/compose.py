@@ -132,7 +132,11 @@ class ComposedModel(nn.Module):
                     f"sample {b}: {int(per_row[b])} <|{modality}|> positions in the text, but {int(counts[b])} "
                     f"{modality} item(s) x {adapter.tokens_per_item} position(s) each = {int(expected[b])}"
                 )
+            if int(counts.sum()) == 0:
+                continue  # no item of this modality in the batch: its blocks are skipped
             feats = self.encode(modality, entry)  # (I, N, D)
+            if hasattr(adapter, "resample"):
+                feats = adapter.resample(feats)  # video: frames merged into latents (I, N', D')
             if adapter.blocks:
                 state[modality] = self._cross_attention_inputs(adapter, feats, counts, is_ph)
             else:

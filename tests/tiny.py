@@ -2,7 +2,12 @@
 
 import torch
 
-from sensorium.adapters import CrossAttentionAdapter, CrossAttentionConfig, ProjectionAdapter, ProjectionConfig
+from sensorium.adapters import (
+    CrossAttentionAdapter,
+    CrossAttentionConfig,
+    ProjectionAdapter,
+    ProjectionConfig,
+)
 from sensorium.backbone import Llama, LlamaConfig
 from sensorium.compose import ComposedModel
 from sensorium.encoders import ImageEncoder, ImageEncoderSpec

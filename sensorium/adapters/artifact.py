@@ -134,9 +134,7 @@ def save_adapter(
         if encoder is not None:
             spec = encoder.spec_dict()
             if spec.get("frozen", True):
-                atomic_save_safetensors(
-                    {k: v for k, v in encoder.state_dict().items()}, tmp / ENCODER_FILE, metadata={"format": FORMAT}
-                )
+                atomic_save_safetensors(encoder.weights(), tmp / ENCODER_FILE, metadata={"format": FORMAT})
                 spec["weights"] = ENCODER_FILE
             manifest["encoder"] = spec
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
@@ -190,10 +188,17 @@ def register_adapter_kind(kind: str, builder: Callable[[dict[str, Any], str], nn
 
 
 def _register_builtin_kinds() -> None:
-    from sensorium.adapters.cross_attention import CrossAttentionAdapter, CrossAttentionConfig
+    from sensorium.adapters.cross_attention import (
+        CrossAttentionAdapter,
+        CrossAttentionConfig,
+        VideoCrossAttentionAdapter,
+    )
+    from sensorium.adapters.perceiver import PerceiverConfig
     from sensorium.adapters.projection import ProjectionAdapter, ProjectionConfig
 
     register_adapter_kind("cross_attention", lambda c, m: CrossAttentionAdapter(CrossAttentionConfig(**c), modality=m))
+    register_adapter_kind("video_cross_attention", lambda c, m: VideoCrossAttentionAdapter(
+        CrossAttentionConfig(**c["cross_attention"]), PerceiverConfig(**c["perceiver"]), modality=m))
     register_adapter_kind("projection", lambda c, m: ProjectionAdapter(ProjectionConfig(**c), modality=m))
 
 
@@ -219,7 +224,7 @@ def load_adapter(folder: str | Path, backbone: Llama | None = None, *, strict: b
         raise AdapterError(f"{folder}: unknown adapter kind {kind!r} (known: {', '.join(sorted(ADAPTER_BUILDERS))})")
     try:
         adapter = ADAPTER_BUILDERS[kind](manifest["config"], manifest["modality"])
-    except (TypeError, AssertionError, ValueError) as e:
+    except (TypeError, AssertionError, ValueError, KeyError) as e:
         raise AdapterError(f"{folder}: adapter config does not build ({e})") from e
     try:
         state = read_safetensors(folder / ADAPTER_FILE)

@@ -10,7 +10,7 @@ stands at or before it (``attend="previous"``: all of them; ``attend="last"``: t
 """
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from torch import nn
 
 from sensorium.backbone.config import LlamaConfig
 from sensorium.backbone.model import MLP, DecoderContext, RMSNorm
+
+if TYPE_CHECKING:
+    from sensorium.adapters.perceiver import PerceiverConfig
 
 
 @dataclass
@@ -191,4 +194,46 @@ class CrossAttentionAdapter(nn.Module):
 
     def manifest(self) -> dict[str, Any]:
         return {"kind": self.kind, "modality": self.modality, "config": asdict(self.config),
+                "placement": {"layers": self.layers}}
+
+
+class VideoCrossAttentionAdapter(CrossAttentionAdapter):
+    """Cross-attention adapter for video: a perceiver resampler merges frames before the blocks see them.
+
+    Args:
+        config: the blocks (``media_dim`` must equal the perceiver's ``dim``).
+        perceiver: the temporal aggregator over encoder frame tokens.
+        modality: ``"video"``.
+    """
+
+    kind = "video_cross_attention"
+
+    def __init__(self, config: CrossAttentionConfig, perceiver: "PerceiverConfig", *, modality: str = "video") -> None:
+        from sensorium.adapters.perceiver import PerceiverResampler
+
+        assert config.media_dim == perceiver.dim, f"blocks read width {config.media_dim}, the perceiver gives {perceiver.dim}"
+        super().__init__(config, modality=modality)
+        self.perceiver_config = perceiver
+        self.perceiver = PerceiverResampler(perceiver)
+
+    def resample(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens ``(I, F * N, D)`` → latents ``(I, groups * num_latents, dim)``."""
+        I, FN, D = features.shape
+        Fr = self.perceiver_config.num_frames
+        assert FN % Fr == 0, f"{FN} tokens per clip do not split into {Fr} frames"
+        out = self.perceiver(features.view(I, Fr, FN // Fr, D))  # (I, F/G, L, dim)
+        return out.flatten(1, 2)  # (I, F/G*L, dim)
+
+    def init_from(self, image_adapter: CrossAttentionAdapter) -> None:
+        """Copy the blocks (by decoder layer) of a trained image adapter; the perceiver stays fresh."""
+        by_layer = dict(zip(image_adapter.layers, image_adapter.blocks, strict=True))
+        missing = [i for i in self.layers if i not in by_layer]
+        if missing:
+            raise ValueError(f"the image adapter has no block at layer(s) {missing} to initialise from")
+        for layer, block in zip(self.layers, self.blocks, strict=True):
+            block.load_state_dict(by_layer[layer].state_dict())
+
+    def manifest(self) -> dict[str, Any]:
+        return {"kind": self.kind, "modality": self.modality,
+                "config": {"cross_attention": asdict(self.config), "perceiver": asdict(self.perceiver_config)},
                 "placement": {"layers": self.layers}}

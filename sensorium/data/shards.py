@@ -66,31 +66,58 @@ def parse_json_field(data: bytes, name: str) -> dict[str, Any]:
     return obj
 
 
-class ImageSampleDecoder:
-    """Decode a raw image-text sample: every image field (sorted by name) through ``preprocess``.
+VIDEO_EXTS = ("mp4", "avi", "webm", "mkv", "mov")
+
+
+class SampleDecoder:
+    """Decode a raw media-text sample: every field of the modality (sorted by name) through ``preprocess``.
 
     Args:
-        preprocess: image → tensor (the encoder's picklable transform).
+        modality: ``"image"``, ``"video"``...
+        exts: file extensions that hold this modality.
+        preprocess: media → tensor (the encoder's picklable transform).
+        decode_bytes: bytes → what ``preprocess`` takes (default: the bytes themselves); raises MediaError.
     """
 
-    def __init__(self, preprocess: Callable[[Any], Any]) -> None:
-        self.preprocess = preprocess
+    def __init__(self, modality: str, exts: Sequence[str], preprocess: Callable[[Any], Any],
+                 decode_bytes: Callable[..., Any] | None = None) -> None:
+        self.modality, self.exts, self.preprocess, self.decode_bytes = modality, tuple(exts), preprocess, decode_bytes
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
-        from sensorium.encoders.image import decode_image_bytes
-
         key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
         name = f"{url}:{key}"
         try:
             if "json" not in raw:
                 raise MediaError(f"{name}: no .json field")
             out = parse_json_field(raw["json"], name)
-            fields = sorted(k for k in raw if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
-            images = [self.preprocess(decode_image_bytes(raw[f], name=f"{name}.{f}")) for f in fields]
+            fields = sorted(k for k in raw if k.rsplit(".", 1)[-1].lower() in self.exts)
+            items = []
+            for f in fields:
+                data = raw[f]
+                if not data:
+                    raise MediaError(f"{name}.{f}: zero bytes")
+                if self.decode_bytes is not None:
+                    data = self.decode_bytes(data, name=f"{name}.{f}")
+                try:
+                    items.append(self.preprocess(data))
+                except MediaError as e:
+                    raise MediaError(f"{name}.{f}: {e}") from e
         except MediaError as e:
             return {"__key__": key, "__url__": url, "__bad__": str(e)}
-        out.update(__key__=key, __url__=url, media={"image": images} if images else {})
+        out.update(__key__=key, __url__=url, media={self.modality: items} if items else {})
         return out
+
+
+def image_sample_decoder(preprocess: Callable[[Any], Any]) -> SampleDecoder:
+    """Decoder for image-text samples (``.jpg``/``.png``/``.webp`` + ``.json``)."""
+    from sensorium.encoders.image import decode_image_bytes
+
+    return SampleDecoder("image", IMAGE_EXTS, preprocess, decode_image_bytes)
+
+
+def video_sample_decoder(preprocess: Callable[[Any], Any]) -> SampleDecoder:
+    """Decoder for video-text samples (``.mp4`` and other containers + ``.json``): frames sampled by ``preprocess``."""
+    return SampleDecoder("video", VIDEO_EXTS, preprocess)
 
 
 def sample_pipeline(

@@ -1,13 +1,16 @@
 """Offline synthetic data sets for demos and tests, written as webdataset shards.
 
 ``shapes``: coloured geometric shapes (colour, shape, size, horizontal position) on noisy backgrounds,
-captioned like "a small red triangle on the left". Splits ``train``, ``val`` and ``test`` go to
-``OUT/<split>/shard-NNNNNN.tar``; ``OUT/info.json`` records counts, attributes and the seed.
+captioned like "a small red triangle on the left"; the JSON also holds the centre (``x``, ``y``).
+``moving-shapes``: mp4 clips (PyAV, H.264) of a shape moving left, right, up or down, captioned like
+"a red circle moving left". Splits ``train``, ``val`` and ``test`` go to ``OUT/<split>/shard-NNNNNN.tar``;
+``OUT/info.json`` records the set, its version, counts and the seed.
 """
 
 import io
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,11 +70,11 @@ def render_shapes_sample(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tu
     img = Image.fromarray(_noisy_background(rng, size))
     r = SIZES[attrs["size"]] * size * rng.uniform(0.9, 1.1)
     cx = POSITIONS[attrs["position"]] * size + rng.uniform(-0.05, 0.05) * size
-    cy = size * rng.uniform(0.35, 0.65)
+    cy = size * rng.uniform(0.25, 0.75)
     jitter = rng.integers(-20, 21, size=3)
     colour = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[attrs["colour"]], jitter, strict=True))
     draw_shape(attrs["shape"], colour, cx, cy, r, img)
-    return img, attrs
+    return img, {**attrs, "x": round(cx / size, 3), "y": round(cy / size, 3)}
 
 
 def _shapes_samples(n: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
@@ -82,9 +85,77 @@ def _shapes_samples(n: int, rng: np.random.Generator) -> Iterator[dict[str, Any]
         yield {"jpg": buf.getvalue(), "json": {"text": shapes_caption(attrs), "attributes": attrs}}
 
 
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+CLIP_FRAMES, CLIP_FPS = 16, 8
+
+
+def moving_caption(attrs: dict[str, str]) -> str:
+    """The caption of a moving-shapes clip, e.g. "a red circle moving left"."""
+    return f"a {attrs['colour']} {attrs['shape']} moving {attrs['direction']}"
+
+
+def render_moving_clip(rng: np.random.Generator, size: int = IMAGE_SIZE, frames: int = CLIP_FRAMES
+                       ) -> tuple[list[np.ndarray], dict[str, str]]:
+    """Frames ``(H, W, 3)`` uint8 of one shape crossing half the frame in one direction, and its attributes."""
+    attrs = {"colour": str(rng.choice(list(COLOURS))), "shape": str(rng.choice(SHAPES)),
+             "direction": str(rng.choice(list(DIRECTIONS)))}
+    dx, dy = DIRECTIONS[attrs["direction"]]
+    background = _noisy_background(rng, size)
+    r = 0.13 * size * rng.uniform(0.9, 1.1)
+    along0 = rng.uniform(0.2, 0.3) * size  # start a quarter in; travel half the frame
+    across = rng.uniform(0.3, 0.7) * size
+    travel = 0.5 * size
+    jitter = rng.integers(-20, 21, size=3)
+    colour = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[attrs["colour"]], jitter, strict=True))
+    out = []
+    for t in range(frames):
+        pos = along0 + travel * t / (frames - 1)
+        if dx < 0 or dy < 0:
+            pos = size - pos
+        cx, cy = (pos, across) if dx else (across, pos)
+        noise = rng.normal(0, 6, size=background.shape)
+        img = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8))
+        draw_shape(attrs["shape"], colour, cx, cy, r, img)
+        out.append(np.asarray(img))
+    return out, attrs
+
+
+def encode_mp4(frames: list[np.ndarray], *, fps: int = CLIP_FPS) -> bytes:
+    """H.264 mp4 bytes of RGB frames (PyAV)."""
+    import av
+
+    buf = io.BytesIO()
+    h, w = frames[0].shape[:2]
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"preset": "veryfast", "crf": "20"})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def _moving_samples(n: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    for _ in range(n):
+        frames, attrs = render_moving_clip(rng)
+        yield {"mp4": encode_mp4(frames), "json": {"text": moving_caption(attrs), "attributes": attrs}}
+
+
 def default_split_sizes(num: int) -> dict[str, int]:
     """Train size ``num``; validation and test sets sized for stable accuracy figures (test ≥ 256)."""
     return {"train": num, "val": max(128, num // 20), "test": max(256, num // 10)}
+
+
+def is_current(out: str | Path, name: str) -> bool:
+    """Whether ``out`` holds synthetic set ``name`` made by this version of its generator."""
+    info = Path(out) / "info.json"
+    if not info.is_file():
+        return False
+    try:
+        meta = json.loads(info.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("name") == name and meta.get("version") == VERSION
 
 
 def write_shards(samples: Iterator[dict[str, Any]], folder: Path, *, total: int, per_shard: int = 1000,
@@ -103,7 +174,8 @@ def write_shards(samples: Iterator[dict[str, Any]], folder: Path, *, total: int,
     return sorted(folder.glob("shard-*.tar"))
 
 
-GENERATORS = {"shapes": _shapes_samples}
+GENERATORS = {"shapes": _shapes_samples, "moving-shapes": _moving_samples}
+VERSION = 2  # bumped when a generator changes; older sets are regenerated on first use
 
 
 def make_dataset(name: str, out: str | Path, *, num: int = 4000, seed: int = 0, per_shard: int = 1000) -> Path:
@@ -116,8 +188,10 @@ def make_dataset(name: str, out: str | Path, *, num: int = 4000, seed: int = 0, 
     out = Path(out)
     sizes = default_split_sizes(num)
     for i, (split, n) in enumerate(sizes.items()):
+        if (out / split).is_dir():
+            shutil.rmtree(out / split)
         rng = np.random.default_rng([seed, i])
         write_shards(GENERATORS[name](n, rng), out / split, total=n, per_shard=per_shard, desc=f"{name}/{split}")
-    info = {"name": name, "seed": seed, "splits": sizes}
+    info = {"name": name, "version": VERSION, "seed": seed, "splits": sizes}
     (out / "info.json").write_text(json.dumps(info, indent=2))
     return out

@@ -131,6 +131,10 @@ class ImageEncoder(FrozenMixin):
         """The preprocessing as a small picklable object (for DataLoader workers)."""
         return ImagePreprocess(self.spec.image_size, self.mean, self.std)
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Weights in the layout ``spec.checkpoint`` loads."""
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
     def spec_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild this encoder and its preprocessing (for adapter manifests)."""
         d = asdict(self.spec)

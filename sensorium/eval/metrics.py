@@ -4,11 +4,12 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sensorium.data.synthetic import COLOURS, POSITION_PHRASES, SHAPES, SIZES
+from sensorium.data.synthetic import COLOURS, DIRECTIONS, POSITION_PHRASES, SHAPES, SIZES
 
-_VOCAB: dict[str, Sequence[str]] = {
+SHAPES_VOCABULARY: dict[str, Sequence[str]] = {
     "colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES), "position": tuple(POSITION_PHRASES),
 }
+MOVING_VOCABULARY: dict[str, Sequence[str]] = {"colour": tuple(COLOURS), "shape": SHAPES, "direction": tuple(DIRECTIONS)}
 
 
 def _first(words: Sequence[str], text: str) -> str | None:
@@ -17,22 +18,25 @@ def _first(words: Sequence[str], text: str) -> str | None:
     return min(hits)[1] if hits else None
 
 
-def attribute_accuracy(results: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """Accuracy of each attribute named in the predictions of the synthetic shapes set.
+def attribute_accuracy(results: Iterable[Mapping[str, Any]],
+                       vocabulary: Mapping[str, Sequence[str]] | None = None) -> dict[str, float]:
+    """Accuracy of each attribute named in the predictions of a synthetic set.
 
     Args:
-        results: ``{"prediction": str, "attributes": {"colour", "shape", "size", "position"}}`` per sample.
+        results: ``{"prediction": str, "reference": str, "attributes": {...}}`` per sample.
+        vocabulary: attribute → its words (default: the shapes set's colour, shape, size, position).
 
     Returns:
-        ``colour``, ``shape``, ``size``, ``position``, ``colour_and_shape`` (both right) and ``exact``
-        (the whole caption) as fractions.
+        One accuracy per attribute, ``colour_and_shape`` (both right) and ``exact`` (the whole caption),
+        as fractions.
     """
+    vocab = vocabulary or SHAPES_VOCABULARY
     rows = list(results)
     assert rows, "no results to score"
-    hits = {k: 0 for k in (*_VOCAB, "colour_and_shape", "exact")}
+    hits = {k: 0 for k in (*vocab, "colour_and_shape", "exact")}
     for r in rows:
         pred, attrs = r["prediction"], r["attributes"]
-        ok = {k: _first(words, pred) == attrs[k] for k, words in _VOCAB.items()}
+        ok = {k: _first(words, pred) == attrs[k] for k, words in vocab.items()}
         for k, v in ok.items():
             hits[k] += v
         hits["colour_and_shape"] += ok["colour"] and ok["shape"]

@@ -2,7 +2,15 @@
 
 from sensorium.training.callbacks import AdapterExport, FlushDenormal
 from sensorium.training.datamodules import ShardDataModule
-from sensorium.training.modules import ImageAdapterModule
+from sensorium.training.modules import AdapterModule, ImageAdapterModule, VideoAdapterModule
 from sensorium.training.pretrain import ImageEncoderPretrainModule
 
-__all__ = ["AdapterExport", "FlushDenormal", "ImageAdapterModule", "ImageEncoderPretrainModule", "ShardDataModule"]
+__all__ = [
+    "AdapterExport",
+    "AdapterModule",
+    "FlushDenormal",
+    "ImageAdapterModule",
+    "ImageEncoderPretrainModule",
+    "ShardDataModule",
+    "VideoAdapterModule",
+]

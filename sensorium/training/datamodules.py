@@ -8,7 +8,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from sensorium.data.shards import sample_pipeline
-from sensorium.data.synthetic import make_dataset
+from sensorium.data.synthetic import is_current, make_dataset
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -43,7 +43,7 @@ class ShardDataModule(L.LightningDataModule):
         self.root = Path(root)
 
     def prepare_data(self) -> None:
-        if self.hparams.synthetic and not (self.root / "info.json").is_file():
+        if self.hparams.synthetic and not is_current(self.root, self.hparams.synthetic):
             print(f"generating synthetic '{self.hparams.synthetic}' data into {self.root}", file=sys.stderr)
             make_dataset(self.hparams.synthetic, self.root, num=self.hparams.num_train, seed=self.hparams.seed)
 

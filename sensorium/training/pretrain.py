@@ -2,14 +2,15 @@
 frozen random one loses most of what the adapter needs, so the small encoders first learn the synthetic
 data with their own objective and are then frozen for adapter training (the paper's order).
 
-Images: attribute classification (colour, shape, size, position) from mean-pooled encoder tokens. The
-pooling is permutation-invariant, so every token has to carry what it sees, position included — which is
-what a cross-attention adapter, with no positional encoding on media, needs.
+Images: attribute classification (colour, shape, size, position) and regression of the shape's centre
+(x, y) from mean-pooled encoder tokens. The pooling is permutation-invariant, so every token has to carry
+what it sees, position included — which is what a cross-attention adapter, with no positional encoding
+on media, needs (and what a video adapter needs to tell the direction of motion).
 """
 
 import sys
-from dataclasses import asdict
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sensorium.data.shards import ImageSampleDecoder
+from sensorium.data.shards import SampleDecoder, image_sample_decoder
 from sensorium.data.synthetic import COLOURS, POSITIONS, SHAPES, SIZES
 from sensorium.encoders.image import ImageEncoder, ImageEncoderSpec, save_encoder
 from sensorium.training.modules import warmup_cosine
@@ -29,10 +30,16 @@ SHAPES_ATTRIBUTES: dict[str, list[str]] = {
 
 
 class AttributeCollator:
-    """Decoded image samples → ``(images (B, 3, S, S), {attribute: (B,) class ids}, bad)``."""
+    """Decoded image samples → ``{"images": (B, 3, S, S), "labels": {name: (B,)}, "targets": {name: (B,)}, "bad"}``.
 
-    def __init__(self, attributes: Mapping[str, Sequence[str]]) -> None:
+    Args:
+        attributes: categorical attribute → class names.
+        regress: numeric attributes (floats in the sample's ``attributes``).
+    """
+
+    def __init__(self, attributes: Mapping[str, Sequence[str]], regress: Sequence[str] = ()) -> None:
         self.index = {k: {v: i for i, v in enumerate(vs)} for k, vs in attributes.items()}
+        self.regress = list(regress)
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         good, bad = [], []
@@ -40,13 +47,15 @@ class AttributeCollator:
             attrs = s.get("attributes") or {}
             if "__bad__" in s:
                 bad.append((s.get("__url__"), s.get("__key__"), s["__bad__"]))
-            elif len(s.get("media", {}).get("image", [])) != 1 or any(attrs.get(k) not in v for k, v in self.index.items()):
+            elif len(s.get("media", {}).get("image", [])) != 1 or any(attrs.get(k) not in v for k, v in self.index.items()) \
+                    or any(not isinstance(attrs.get(k), (int, float)) for k in self.regress):
                 bad.append((s.get("__url__"), s.get("__key__"), "needs one image and known attributes"))
             else:
                 good.append(s)
         images = torch.stack([s["media"]["image"][0] for s in good]) if good else torch.zeros(0)
         labels = {k: torch.tensor([v[s["attributes"][k]] for s in good], dtype=torch.long) for k, v in self.index.items()}
-        return {"images": images, "labels": labels, "bad": bad}
+        targets = {k: torch.tensor([float(s["attributes"][k]) for s in good]) for k in self.regress}
+        return {"images": images, "labels": labels, "targets": targets, "bad": bad}
 
 
 class ImageEncoderPretrainModule(L.LightningModule):
@@ -56,6 +65,7 @@ class ImageEncoderPretrainModule(L.LightningModule):
         encoder: the encoder to train (``frozen`` is ignored: it trains here).
         out: where the trained encoder's weights are written.
         attributes: attribute name → class names (default: the shapes set's).
+        regress: numeric attributes to regress (default: the shape's centre ``x``, ``y``).
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps (then cosine over ``trainer.max_steps``).
@@ -66,6 +76,7 @@ class ImageEncoderPretrainModule(L.LightningModule):
         encoder: ImageEncoderSpec | None = None,
         out: str = "runs/image/encoder/encoder.safetensors",
         attributes: dict[str, list[str]] | None = None,
+        regress: list[str] | None = None,
         lr: float = 2e-3,
         weight_decay: float = 0.05,
         warmup_steps: int = 20,
@@ -77,13 +88,15 @@ class ImageEncoderPretrainModule(L.LightningModule):
         spec = ImageEncoderSpec(**{**spec.__dict__, "frozen": False, "checkpoint": spec.checkpoint})
         self.encoder = ImageEncoder(spec)
         self.attributes = attributes or SHAPES_ATTRIBUTES
+        self.regress = ["x", "y"] if regress is None else list(regress)
         self.heads = nn.ModuleDict({k: nn.Linear(self.encoder.out_dim, len(v)) for k, v in self.attributes.items()})
+        self.regressors = nn.ModuleDict({k: nn.Linear(self.encoder.out_dim, 1) for k in self.regress})
 
-    def sample_decoder(self) -> ImageSampleDecoder:
-        return ImageSampleDecoder(self.encoder.transform)
+    def sample_decoder(self) -> SampleDecoder:
+        return image_sample_decoder(self.encoder.transform)
 
     def collator(self) -> AttributeCollator:
-        return AttributeCollator(self.attributes)
+        return AttributeCollator(self.attributes, self.regress)
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
         if len(batch["images"]) == 0:
@@ -96,6 +109,10 @@ class ImageEncoderPretrainModule(L.LightningModule):
             loss = loss + F.cross_entropy(logits, y)
             self.log(f"{stage}/acc_{k}", (logits.argmax(-1) == y).float().mean(), batch_size=len(y),
                      prog_bar=k == "shape")
+        for k, head in self.regressors.items():
+            pred, y = head(pooled).squeeze(-1), batch["targets"][k]
+            loss = loss + 10.0 * F.mse_loss(pred.float(), y)  # coordinates are fractions of the side
+            self.log(f"{stage}/mae_{k}", (pred - y).abs().mean(), batch_size=len(y))
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(batch["images"]))
         return loss
 

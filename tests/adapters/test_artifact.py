@@ -6,7 +6,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sensorium.adapters import AdapterError, AdapterHashWarning, AdapterMismatchError, load_adapter, save_adapter
+from sensorium.adapters import (
+    AdapterError,
+    AdapterHashWarning,
+    AdapterMismatchError,
+    load_adapter,
+    save_adapter,
+)
 from sensorium.adapters.artifact import load_encoder
 from sensorium.backbone import Llama, LlamaConfig
 from tests.tiny import compose_tiny, randomise, tiny_backbone

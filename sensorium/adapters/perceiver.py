@@ -1,0 +1,105 @@
+"""Perceiver resampler: the temporal aggregator of video adapters.
+
+Every ``group`` consecutive frames (32 at paper scale) are merged into one set of ``num_latents`` latent
+tokens: learned latents cross-attend to the frame tokens of their group (plus themselves), with a learned
+embedding per frame position added to the tokens, so the latents know which frame saw what — which is
+what direction of motion needs.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PerceiverConfig:
+    """Shape of a perceiver resampler.
+
+    Args:
+        media_dim: width of the frame tokens.
+        dim: width of the latents (and of the output).
+        num_latents: latents per group of frames.
+        num_frames: frames per clip.
+        group: consecutive frames merged into one latent set (clipped to ``num_frames``).
+        depth: cross-attention + MLP layers.
+        n_heads: attention heads.
+    """
+
+    media_dim: int
+    dim: int
+    num_latents: int = 16
+    num_frames: int = 8
+    group: int = 32
+    depth: int = 2
+    n_heads: int = 8
+
+    def __post_init__(self) -> None:
+        self.group = min(self.group, self.num_frames)
+        assert self.num_frames % self.group == 0, f"num_frames {self.num_frames} is not a multiple of group {self.group}"
+        assert self.dim % self.n_heads == 0, f"dim {self.dim} is not divisible by n_heads {self.n_heads}"
+
+    @property
+    def groups(self) -> int:
+        return self.num_frames // self.group
+
+
+class PerceiverLayer(nn.Module):
+    """Latents attend to ``[frame tokens; latents]``, then a GELU MLP; both residual."""
+
+    def __init__(self, dim: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        B, L, D = latents.shape
+        H = self.n_heads
+        lat = self.norm_latents(latents)
+        context = torch.cat([self.norm_media(x), lat], dim=1)  # (B, T + L, D)
+        q = self.q(lat).view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
+        k, v = self.kv(context).view(B, context.shape[1], 2, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, T+L, D/H) each
+        attn = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, D/H)
+        latents = latents + self.out(attn.transpose(1, 2).reshape(B, L, D))
+        return latents + self.mlp(latents)
+
+
+class PerceiverResampler(nn.Module):
+    """Frame tokens ``(I, F, N, media_dim)`` → latents ``(I, F // group, num_latents, dim)``.
+
+    Args:
+        config: its shape.
+    """
+
+    def __init__(self, config: PerceiverConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.frame_embedding = nn.Parameter(torch.randn(config.group, config.media_dim) * 0.02)
+        self.in_proj = nn.Linear(config.media_dim, config.dim)
+        self.latents = nn.Parameter(torch.randn(config.num_latents, config.dim) * 0.02)
+        self.layers = nn.ModuleList(PerceiverLayer(config.dim, config.n_heads) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(config.dim)
+        self.group_embedding = nn.Parameter(torch.zeros(config.groups, config.dim))  # order of the groups
+
+    @property
+    def tokens_out(self) -> int:
+        """Output tokens per clip."""
+        return self.config.groups * self.config.num_latents
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        I, Fr, N, D = frames.shape
+        G = self.config.group
+        assert Fr == self.config.num_frames, f"expected {self.config.num_frames} frames per clip, got {Fr}"
+        x = frames.view(I, Fr // G, G, N, D) + self.frame_embedding[None, None, :, None, :]  # (I, F/G, G, N, D)
+        x = self.in_proj(x.reshape(I * (Fr // G), G * N, D))  # (I*F/G, G*N, dim)
+        latents = self.latents.expand(x.shape[0], -1, -1)  # (I*F/G, L, dim)
+        for layer in self.layers:
+            latents = layer(x, latents)
+        out = self.norm(latents).view(I, Fr // G, self.config.num_latents, -1)  # (I, F/G, L, dim)
+        return out + self.group_embedding[None, :, None, :]
