@@ -60,7 +60,7 @@ def main() -> None:
         pyav_all_frames(data, args.sample)
     t_pyav = time.perf_counter() - t0
     print(f"{args.clips} clips of {args.frames} frames at {args.size}px (GOP {args.gop}), {args.sample} sampled per clip")
-    print(f"| decord sampled | PyAV every frame | ratio |\n|---|---|---|")
+    print("| decord sampled | PyAV every frame | ratio |\n|---|---|---|")
     print(f"| {args.clips / t_decord:.1f} clips/s | {args.clips / t_pyav:.1f} clips/s | {t_pyav / t_decord:.2f}x |")
 
 

@@ -80,7 +80,9 @@ class PerceiverResampler(nn.Module):
     def __init__(self, config: PerceiverConfig) -> None:
         super().__init__()
         self.config = config
-        self.frame_embedding = nn.Parameter(torch.randn(config.group, config.media_dim) * 0.02)
+        # Tokens are normalised first, so per-frame embeddings of unit scale mark time as strongly as content.
+        self.input_norm = nn.LayerNorm(config.media_dim)
+        self.frame_embedding = nn.Parameter(torch.randn(config.group, config.media_dim))
         self.in_proj = nn.Linear(config.media_dim, config.dim)
         self.latents = nn.Parameter(torch.randn(config.num_latents, config.dim) * 0.02)
         self.layers = nn.ModuleList(PerceiverLayer(config.dim, config.n_heads) for _ in range(config.depth))
@@ -96,7 +98,7 @@ class PerceiverResampler(nn.Module):
         I, Fr, N, D = frames.shape
         G = self.config.group
         assert Fr == self.config.num_frames, f"expected {self.config.num_frames} frames per clip, got {Fr}"
-        x = frames.view(I, Fr // G, G, N, D) + self.frame_embedding[None, None, :, None, :]  # (I, F/G, G, N, D)
+        x = self.input_norm(frames).view(I, Fr // G, G, N, D) + self.frame_embedding[None, None, :, None, :]  # (I, F/G, G, N, D)
         x = self.in_proj(x.reshape(I * (Fr // G), G * N, D))  # (I*F/G, G*N, dim)
         latents = self.latents.expand(x.shape[0], -1, -1)  # (I*F/G, L, dim)
         for layer in self.layers:

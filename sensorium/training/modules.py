@@ -61,6 +61,17 @@ class AdapterModule(L.LightningModule):
     modality = ""
     score_vocabulary: dict[str, Any] = {}
 
+    def _save_config(self, encoder: ImageEncoderSpec | None) -> ImageEncoderSpec:
+        """Record the caller's init arguments as plain hyper-parameters (checkpoints then load with
+        ``weights_only=True``) and check the encoder checkpoint exists."""
+        import inspect
+
+        spec = encoder or ImageEncoderSpec()
+        self.save_hyperparameters(ignore=["encoder"], frame=inspect.currentframe().f_back)
+        self.hparams["encoder"] = asdict(spec)
+        check_encoder_checkpoint(spec)
+        return spec
+
     def _compose(self, backbone: str, tokenizer: str | None, init_adapter: str | None,
                  make_encoder: Callable[[], torch.nn.Module],
                  make_adapter: Callable[[Any, torch.nn.Module], torch.nn.Module]) -> None:
@@ -253,10 +264,7 @@ class ImageAdapterModule(AdapterModule):
         eval_max_new_tokens: int = 16,
     ) -> None:
         super().__init__()
-        encoder = encoder or ImageEncoderSpec()
-        self.save_hyperparameters(ignore=["encoder"])
-        self.hparams["encoder"] = asdict(encoder)  # plain data: checkpoints load with weights_only=True
-        check_encoder_checkpoint(encoder)
+        encoder = self._save_config(encoder)
         if adapter not in ("cross_attention", "projection"):
             raise SensoriumError(f"unknown adapter kind {adapter!r} (use 'cross_attention' or 'projection')")
 
@@ -332,10 +340,7 @@ class VideoAdapterModule(AdapterModule):
         eval_max_new_tokens: int = 16,
     ) -> None:
         super().__init__()
-        encoder = encoder or ImageEncoderSpec()
-        self.save_hyperparameters(ignore=["encoder"])
-        self.hparams["encoder"] = asdict(encoder)  # plain data: checkpoints load with weights_only=True
-        check_encoder_checkpoint(encoder)
+        encoder = self._save_config(encoder)
 
         def make_adapter(bb: Any, enc: VideoEncoder) -> torch.nn.Module:
             image = load_adapter(image_adapter, backbone=bb) if image_adapter else None

@@ -66,6 +66,7 @@ class ImageEncoderPretrainModule(L.LightningModule):
         out: where the trained encoder's weights are written.
         attributes: attribute name → class names (default: the shapes set's).
         regress: numeric attributes to regress (default: the shape's centre ``x``, ``y``).
+        regress_weight: weight of the regression (MSE) losses against the classification losses.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps (then cosine over ``trainer.max_steps``).
@@ -77,6 +78,7 @@ class ImageEncoderPretrainModule(L.LightningModule):
         out: str = "runs/image/encoder/encoder.safetensors",
         attributes: dict[str, list[str]] | None = None,
         regress: list[str] | None = None,
+        regress_weight: float = 1.0,
         lr: float = 2e-3,
         weight_decay: float = 0.05,
         warmup_steps: int = 20,
@@ -111,7 +113,7 @@ class ImageEncoderPretrainModule(L.LightningModule):
                      prog_bar=k == "shape")
         for k, head in self.regressors.items():
             pred, y = head(pooled).squeeze(-1), batch["targets"][k]
-            loss = loss + 10.0 * F.mse_loss(pred.float(), y)  # coordinates are fractions of the side
+            loss = loss + self.hparams.regress_weight * F.mse_loss(pred.float(), y)  # fractions of the side
             self.log(f"{stage}/mae_{k}", (pred - y).abs().mean(), batch_size=len(y))
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(batch["images"]))
         return loss

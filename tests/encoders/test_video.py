@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from sensorium.adapters import load_adapter, save_adapter
-from sensorium.adapters.cross_attention import CrossAttentionAdapter, CrossAttentionConfig, VideoCrossAttentionAdapter
+from sensorium.adapters.cross_attention import (
+    CrossAttentionAdapter,
+    CrossAttentionConfig,
+    VideoCrossAttentionAdapter,
+)
 from sensorium.adapters.perceiver import PerceiverConfig, PerceiverResampler
 from sensorium.compose import ComposedModel
 from sensorium.data.shards import video_sample_decoder

@@ -13,21 +13,20 @@ import pytest
 
 from sensorium.cli import main
 from sensorium.eval.metrics import attribute_accuracy
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+from tests.recipes.conftest import RECIPES
 
 
 @pytest.mark.slow
-def test_shapes_recipes_learn_colour_and_shape(tmp_path, monkeypatch):
+def test_shapes_recipes_learn_colour_and_shape(tmp_path, monkeypatch, shapes_encoder):
+    encoder, encoder_minutes = shapes_encoder
     monkeypatch.chdir(tmp_path)
+    recipe = ["--config", str(RECIPES / "image/shapes.yaml"), "--model.encoder.checkpoint", str(encoder)]
     t0 = time.perf_counter()
-    assert main(["fit", "--config", str(RECIPES / "image/shapes_encoder.yaml")]) == 0
-    t_enc = time.perf_counter() - t0
-    assert main(["fit", "--config", str(RECIPES / "image/shapes.yaml")]) == 0
-    t_total = time.perf_counter() - t0
-    assert main(["test", "--config", str(RECIPES / "image/shapes.yaml"), "--model.init_adapter", "runs/image/adapter"]) == 0
+    assert main(["fit", *recipe]) == 0
+    adapter_minutes = (time.perf_counter() - t0) / 60
+    assert main(["test", *recipe, "--model.init_adapter", "runs/image/adapter"]) == 0
     results = [json.loads(line) for line in Path("runs/image/test_predictions.jsonl").read_text().splitlines()]
     scores = attribute_accuracy(results)
-    print(f"encoder {t_enc / 60:.1f} min, both stages {t_total / 60:.1f} min, test scores {scores}")
+    print(f"encoder {encoder_minutes:.1f} min + adapter {adapter_minutes:.1f} min; test scores {scores}")
     assert len(results) >= 200
     assert scores["colour_and_shape"] >= 0.90

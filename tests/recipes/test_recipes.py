@@ -26,14 +26,16 @@ def _run(recipe: str) -> int:
     ])
 
 
-def test_image_recipes_run(tmp_path, monkeypatch):
-    """The shipped image recipes, unchanged but for their length, in a temporary working directory."""
+def test_image_and_video_recipes_run(tmp_path, monkeypatch):
+    """The shipped image and video recipes, unchanged but for their length, in a temporary working directory."""
     monkeypatch.chdir(tmp_path)
     assert _run("image/shapes_encoder.yaml") == 0
     assert Path("runs/image/encoder/encoder.safetensors").is_file()
-    for recipe, out in (("image/shapes.yaml", "runs/image"), ("image/shapes_projection.yaml", "runs/image_projection")):
+    for recipe, out in (("image/shapes.yaml", "runs/image"), ("image/shapes_projection.yaml", "runs/image_projection"),
+                        ("video/moving_shapes.yaml", "runs/video")):
         assert _run(recipe) == 0
         assert (Path(out) / "adapter/manifest.json").is_file() and (Path(out) / "adapter/adapter.safetensors").is_file()
         ckpt = torch.load(Path(out) / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
         keys = set(ckpt["state_dict"])
-        assert keys and all(k.startswith("model.adapters.image.") for k in keys), sorted(keys)[:5]
+        modality = "video" if "video" in recipe else "image"
+        assert keys and all(k.startswith(f"model.adapters.{modality}.") for k in keys), sorted(keys)[:5]
