@@ -13,12 +13,13 @@ from sensorium.compose import ComposedModel
 from sensorium.encoders import ImageEncoder, ImageEncoderSpec
 
 
-def tiny_backbone(seed: int = 0) -> Llama:
+def tiny_backbone(seed: int = 0, *, std: float = 0.2) -> Llama:
+    """A frozen random ``tiny`` Llama whose weights are drawn with ``std`` (large enough to give varied tokens)."""
     torch.manual_seed(seed)
     model = Llama(LlamaConfig.from_name("tiny")).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.2)
+            p.normal_(0, std)
     return model.requires_grad_(False)
 
 

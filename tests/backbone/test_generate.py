@@ -2,16 +2,12 @@
 
 import torch
 
-from sensorium.backbone import Llama, LlamaConfig, TextStreamer, generate, sample_next
+from sensorium.backbone import TextStreamer, generate, sample_next
+from tests.tiny import tiny_backbone
 
 
-def _tiny(seed: int = 0) -> Llama:
-    torch.manual_seed(seed)
-    model = Llama(LlamaConfig.from_name("tiny")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
+def _tiny(seed: int = 0):
+    return tiny_backbone(seed, std=0.3)
 
 
 PROMPTS = [[5, 17, 99, 3, 250, 7], [42], [8, 9, 10, 11]]
