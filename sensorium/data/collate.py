@@ -27,7 +27,8 @@ class Batch:
     Attributes:
         tokens: ``(B, T)`` ids with placeholder ids, right-padded.
         labels: ``(B, T)`` targets, ``-100`` where no loss is taken.
-        media: per modality ``{"inputs": (I, ...), "counts": (B,)}``.
+        media: per modality ``{"inputs": (I, ...), "counts": (B,)}`` (``"features"`` instead of ``"inputs"``
+            for cached encoder outputs).
         keys: sample keys.
         bad: ``(url, key, reason)`` of samples skipped while building this batch.
         extra: per-sample fields kept for evaluation (reference text, attributes).
@@ -60,6 +61,7 @@ class ChatCollator:
         system: system message (None: the tokenizer's default; "": none).
         max_len: longest sequence in tokens.
         pad_id: id for padding positions.
+        features: the items are cached encoder outputs (batched under ``"features"``), not raw media.
     """
 
     def __init__(
@@ -72,10 +74,12 @@ class ChatCollator:
         system: str | None = "",
         max_len: int = 128,
         pad_id: int = 0,
+        features: bool = False,
     ) -> None:
         self.tokenizer, self.placeholder_ids = tokenizer, dict(placeholder_ids)
         self.tokens_per_item = dict(tokens_per_item or {})
         self.prompt, self.system, self.max_len, self.pad_id = prompt, system, max_len, pad_id
+        self.features = features
         self._text_ids = {tokenizer.placeholder_ids[PLACEHOLDER_OF[m]]: m for m in self.placeholder_ids}
 
     # ------------------------------------------------------------------------------------ per sample
@@ -189,7 +193,8 @@ class ChatCollator:
         for i, (ids, ys) in enumerate(rows):
             tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             labels[i, : len(ys)] = torch.tensor(ys, dtype=torch.long)
-        media = {m: {"inputs": _stack(items), "counts": torch.tensor(counts[m], dtype=torch.long)}
+        kind = "features" if self.features else "inputs"
+        media = {m: {kind: _stack(items), "counts": torch.tensor(counts[m], dtype=torch.long)}
                  for m, items in media_items.items() if items}
         return Batch(tokens, labels, media, keys, bad, extra)
 

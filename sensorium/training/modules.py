@@ -145,7 +145,8 @@ class AdapterModule(L.LightningModule):
             ids, _ = collator.prompt_ids({**ex, "media": {m: media_items}})
             prompts.append(ids)
             items += media_items
-        media = {m: {"inputs": torch.stack(items), "counts": batch.media[m]["counts"]}}
+        kind = "features" if "features" in batch.media[m] else "inputs"
+        media = {m: {kind: torch.stack(items), "counts": batch.media[m]["counts"]}}
         out = self.model.generate_ids(prompts, media, max_new_tokens=self.hparams.eval_max_new_tokens)
         for ex, ids in zip(batch.extra, out, strict=True):
             self._test_results.append({"reference": ex.get("text"), "prediction": self.tokenizer.decode(ids).strip(),
@@ -154,7 +155,7 @@ class AdapterModule(L.LightningModule):
     @staticmethod
     def _items_per_sample(batch: Batch, modality: str) -> list[list[torch.Tensor]]:
         entry = batch.media[modality]
-        inputs, out, i = entry["inputs"], [], 0
+        inputs, out, i = entry.get("features", entry.get("inputs")), [], 0
         for n in entry["counts"].tolist():
             out.append([inputs[j] for j in range(i, i + n)])
             i += n

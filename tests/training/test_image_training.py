@@ -11,6 +11,7 @@ from tokenizers import models, pre_tokenizers
 
 from sensorium.cli import main
 from sensorium.data.synthetic import make_dataset
+from sensorium.errors import SensoriumError
 from tests.conftest import make_hf_llama
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -115,3 +116,47 @@ def test_generate_with_adapter_and_several_images(tiny_setup, capsys, monkeypatc
     assert main([*base, "--image", str(root / "broken.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sensorium: error:") and "broken.png" in err and len(err.splitlines()) == 1
+
+
+def _losses(log_dir: Path) -> list[float]:
+    import csv
+
+    (metrics,) = log_dir.rglob("metrics.csv")
+    rows = list(csv.DictReader(open(metrics)))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def test_training_on_cached_features_gives_the_same_loss_curve(tiny_setup, capsys, monkeypatch):
+    root, backbone, data = tiny_setup
+    monkeypatch.chdir(root)
+    common = ["--model.max_bad_fraction", "0.5", "--trainer.log_every_n_steps", "1", "--trainer.max_steps", "5",
+              "--trainer.val_check_interval", "5"]
+    assert main(_fit(root, backbone, data, *common, "--trainer.logger.init_args.save_dir", str(root / "raw"))) == 0
+    raw_err = capsys.readouterr().err
+    feats = root / "features"
+    assert main(_fit(root, backbone, data, *common, "--data.features", str(feats),
+                     "--trainer.logger.init_args.save_dir", str(root / "cached"))) == 0
+    err = capsys.readouterr().err
+    assert "encoding" in err and (feats / "info.json").is_file()
+    raw, cached = _losses(root / "raw"), _losses(root / "cached")
+    assert len(raw) == 5 and raw[0] != raw[-1]
+    assert cached == pytest.approx(raw, abs=1e-5)
+    # bad samples are skipped and counted the same way
+    assert [ln for ln in raw_err.splitlines() if "skipped" in ln] == [ln for ln in err.splitlines() if "skipped" in ln]
+    # a second run reuses the cache; features of another encoder are refused
+    assert main(_fit(root, backbone, data, *common, "--data.features", str(feats), "--trainer.max_steps", "1")) == 0
+    assert "encoding" not in capsys.readouterr().err
+    from sensorium.data.features import check_features
+    from sensorium.encoders.image import ImageEncoder, ImageEncoderSpec
+
+    with pytest.raises(SensoriumError, match="image_size"):
+        check_features(feats, ImageEncoder(ImageEncoderSpec(name="resnet10t", image_size=48)))
+    # `sensorium features` writes the same shards
+    assert main(["features", "--out", str(root / "features2"), *_fit(root, backbone, data)[1:]]) == 0
+    def npy_members(path: Path) -> dict[str, bytes]:
+        with tarfile.open(path) as t:
+            return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".npy")}
+
+    shard = "train/shard-000000.tar"
+    first = npy_members(feats / shard)
+    assert len(first) == 40 and npy_members(root / "features2" / shard) == first
