@@ -2,7 +2,8 @@
 
 Subcommands:
     fit, validate, test, predict   Lightning CLI over a YAML recipe: ``sensorium fit --config R.yaml``.
-    data      write a synthetic data set as webdataset shards.
+    data      write a synthetic data set as webdataset shards (shapes, moving-shapes, spoken-words).
+    features  run a recipe's frozen encoder once over its shards and write the outputs as feature shards.
     generate  continue a prompt or answer a chat turn, optionally with adapters and media.
     demo      the embedded default end to end (for now: load SmolLM2 and chat one turn).
 
@@ -49,11 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(g)
 
     dd = sub.add_parser("data", help="write a synthetic data set", description="Write a synthetic data set as "
-                        "webdataset shards with train/val/test splits.")
-    dd.add_argument("name", choices=["shapes", "moving-shapes"], help="which set")
+                        "webdataset shards with train/val/test splits: shapes (captioned images), moving-shapes "
+                        "(captioned clips) or spoken-words (16 kHz speech synthesised with eSpeak NG, with "
+                        "transcripts and French translations).")
+    dd.add_argument("name", choices=["shapes", "moving-shapes", "spoken-words"], help="which set")
     dd.add_argument("--out", required=True, help="output folder")
-    dd.add_argument("--num", type=int, default=None, help="training samples (default: 4000 shapes, 2000 clips)")
+    dd.add_argument("--num", type=int, default=None,
+                    help="training samples (default: 4000 images or utterances, 2000 clips)")
     dd.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    sub.add_parser("features", help="cache a recipe's frozen encoder outputs as feature shards", add_help=False)
 
     d = sub.add_parser("demo", help="run the embedded default end to end", description="Run the embedded default.")
     d.add_argument("--prompt", default="What is the capital of France?", help="the question to ask")
@@ -69,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         return _guarded(lambda: _lightning(argv))
+    if argv and argv[0] == "features":
+        return _guarded(lambda: _features(argv[1:]))
     args = build_parser().parse_args(argv)
     return _guarded(lambda: _dispatch(args))
 
@@ -112,6 +120,30 @@ def _lightning(argv: list[str]) -> int:
         )
     finally:
         sys.argv = saved
+    return 0
+
+
+def _features(argv: list[str]) -> int:
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    p = argparse.ArgumentParser(
+        prog="sensorium features", description="Run a recipe's frozen encoder once over its data shards and write "
+        "its outputs as feature shards; train on them with --data.features DIR. Other options override the recipe "
+        "(e.g. --data.root DIR).")
+    p.add_argument("--config", required=True, help="the adapter recipe (its model's encoder and its data)")
+    p.add_argument("--out", required=True, help="output folder for the feature shards")
+    args, rest = p.parse_known_args(argv)
+    cli = LightningCLI(
+        L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        run=False, args=["--config", args.config, *rest], save_config_callback=None, auto_configure_optimizers=False,
+    )
+    data = cli.datamodule
+    if not hasattr(data, "cache_features"):
+        raise SensoriumError(f"{args.config}: its data module ({type(data).__name__}) cannot cache features")
+    data.ensure_source()
+    out = data.cache_features(cli.model, args.out)
+    print(f"features in {out}; train on them with --data.features {out}", file=sys.stderr)
     return 0
 
 
