@@ -2,9 +2,10 @@
 
 Media reach the model as placeholder tokens in the text (``<|image|>``, ``<|video|>``, ``<|speech|>``,
 ids just past the vocabulary) plus, per modality, the items in the order their placeholders appear:
-``{"image": {"inputs": (I, 3, S, S), "counts": (B,)}}`` (or ``"features": (I, N, D)`` already encoded).
-Cross-attention adapters see their media through gated blocks; splice adapters (projection, speech)
-replace their placeholder positions with projected encoder tokens.
+``{"image": {"inputs": (I, 3, S, S), "counts": (B,)}}`` (or ``"features": (I, N, D)`` already encoded;
+items of different lengths, such as speech, come as lists). Cross-attention adapters see their media
+through gated blocks; splice adapters (projection, speech) replace their placeholder positions with
+projected encoder tokens — a fixed number per item, or for speech a number computed from its length.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +20,7 @@ from sensorium.adapters.cross_attention import MediaInputs
 from sensorium.adapters.fusion import fuse, unfuse
 from sensorium.backbone.model import Llama
 from sensorium.backbone.tokenizer import MODALITY_OF_PLACEHOLDER, PLACEHOLDERS, Tokenizer
+from sensorium.encoders.base import Features
 from sensorium.errors import SensoriumError
 
 MODALITIES: tuple[str, ...] = tuple(MODALITY_OF_PLACEHOLDER[p] for p in PLACEHOLDERS)  # image, video, speech
@@ -96,17 +98,33 @@ class ComposedModel(nn.Module):
         return self
 
     # ----------------------------------------------------------------------------------------- media
-    def encode(self, modality: str, entry: Mapping[str, Any]) -> torch.Tensor:
-        """Encoder tokens ``(I, N, D)`` of one modality's items (runs the frozen encoder unless cached)."""
+    def encode(self, modality: str, entry: Mapping[str, Any]) -> Features:
+        """Encoder tokens ``(I, N, D)`` and their mask for one modality's items (runs the encoder unless cached)."""
         if "features" in entry:
-            return entry["features"]
+            feats = entry["features"]
+            if isinstance(feats, torch.Tensor):
+                return Features(feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device))
+            lengths = torch.tensor([f.shape[0] for f in feats], device=feats[0].device)
+            padded = nn.utils.rnn.pad_sequence(list(feats), batch_first=True)  # (I, N, D)
+            return Features(padded, torch.arange(padded.shape[1], device=padded.device)[None] < lengths[:, None])
         if modality not in self.encoders:
             raise MediaMismatchError(f"raw {modality} input but no {modality} encoder is composed")
         encoder = self.encoders[modality]
-        inputs = entry["inputs"]
         grad = any(p.requires_grad for p in encoder.parameters())
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return encoder(inputs).values
+            return encoder(entry["inputs"])
+
+    def item_positions(self, modality: str, item: Any) -> int:
+        """Placeholder positions one item fills: the adapter's fixed count, or for variable-length adapters
+        the count computed from the item (a raw 1-D waveform, or cached ``(frames, D)`` features)."""
+        adapter = self.adapters[modality]
+        if not getattr(adapter, "variable_length", False):
+            return adapter.tokens_per_item
+        if item.ndim == 1:
+            if modality not in self.encoders:
+                raise MediaMismatchError(f"raw {modality} input but no {modality} encoder is composed")
+            return adapter.output_length(self.encoders[modality].output_length(item.shape[0]))
+        return adapter.output_length(item.shape[0])
 
     def prepare(self, tokens: torch.Tensor, media: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
         """Encode and project the media for ``tokens`` ``(B, T)``: cross-attention inputs or splice embeddings.
@@ -124,24 +142,40 @@ class ComposedModel(nn.Module):
             adapter = self.adapters[modality]
             counts = torch.as_tensor(entry["counts"], device=tokens.device).long()  # (B,)
             is_ph = tokens == self.placeholder_ids[modality]  # (B, T)
-            per_row = is_ph.sum(-1)
-            expected = counts * adapter.tokens_per_item
-            if not torch.equal(per_row, expected):
-                b = int((per_row != expected).nonzero()[0])
-                raise MediaMismatchError(
-                    f"sample {b}: {int(per_row[b])} <|{modality}|> positions in the text, but {int(counts[b])} "
-                    f"{modality} item(s) x {adapter.tokens_per_item} position(s) each = {int(expected[b])}"
-                )
             if int(counts.sum()) == 0:
+                if bool(is_ph.any()):
+                    raise MediaMismatchError(f"<|{modality}|> placeholders in the text but no {modality} item given")
                 continue  # no item of this modality in the batch: its blocks are skipped
-            feats = self.encode(modality, entry)  # (I, N, D)
+            if not getattr(adapter, "variable_length", False):  # fixed positions per item: check before encoding
+                self._check_positions(modality, is_ph, counts, torch.full_like(counts, adapter.tokens_per_item)
+                                      .repeat_interleave(counts))
+            feats = self.encode(modality, entry)  # (I, N, D) + mask
+            if getattr(adapter, "variable_length", False):
+                emb, valid = adapter(feats.values, feats.mask)  # (I, N', dim), (I, N')
+                self._check_positions(modality, is_ph, counts, valid.sum(-1))
+                state[modality] = emb[valid]  # (sum of positions, dim), items in order
+                continue
+            values = feats.values
             if hasattr(adapter, "resample"):
-                feats = adapter.resample(feats)  # video: frames merged into latents (I, N', D')
+                values = adapter.resample(values)  # video: frames merged into latents (I, N', D')
             if adapter.blocks:
-                state[modality] = self._cross_attention_inputs(adapter, feats, counts, is_ph)
+                state[modality] = self._cross_attention_inputs(adapter, values, counts, is_ph)
             else:
-                state[modality] = adapter(feats).reshape(-1, self.backbone.config.dim)  # (I*N, dim)
+                state[modality] = adapter(values).reshape(-1, self.backbone.config.dim)  # (I*N, dim)
         return state
+
+    @staticmethod
+    def _check_positions(modality: str, is_ph: torch.Tensor, counts: torch.Tensor, per_item: torch.Tensor) -> None:
+        """Each row's placeholder positions must equal the positions its items fill."""
+        row = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
+        expected = torch.zeros_like(counts).index_add_(0, row, per_item.to(counts.dtype))
+        have = is_ph.sum(-1)
+        if not torch.equal(have, expected):
+            b = int((have != expected).nonzero()[0])
+            raise MediaMismatchError(
+                f"sample {b}: {int(have[b])} <|{modality}|> positions in the text, but {int(counts[b])} "
+                f"{modality} item(s) filling {int(expected[b])} position(s)"
+            )
 
     @staticmethod
     def _cross_attention_inputs(adapter: nn.Module, feats: torch.Tensor, counts: torch.Tensor,
@@ -223,12 +257,25 @@ class ComposedModel(nn.Module):
         self.backbone.clear_caches()
 
     # ------------------------------------------------------------------------------------ generation
-    def expand_placeholders(self, ids: Sequence[int]) -> list[int]:
-        """Repeat each splice adapter's placeholder to its number of positions."""
+    def expand_placeholders(self, ids: Sequence[int], items: Mapping[str, Sequence[Any]] | None = None) -> list[int]:
+        """Repeat each splice adapter's placeholder to the positions of its item (``items``: per modality, the
+        preprocessed items in placeholder order; needed for variable-length adapters such as speech)."""
         out: list[int] = []
-        lengths = {self.placeholder_ids[m]: a.tokens_per_item for m, a in self.adapters.items()}
+        modality_of = {self.placeholder_ids[m]: m for m in self.adapters}
+        seen = {m: 0 for m in self.adapters}
         for i in ids:
-            out.extend([i] * lengths.get(i, 1))
+            m = modality_of.get(i)
+            if m is None or self.adapters[m].blocks:
+                out.append(i)
+                continue
+            if getattr(self.adapters[m], "variable_length", False):
+                group = (items or {}).get(m, [])
+                if seen[m] >= len(group):
+                    raise MediaMismatchError(f"more <|{m}|> placeholders than {m} items")
+                out.extend([i] * self.item_positions(m, group[seen[m]]))
+            else:
+                out.extend([i] * self.adapters[m].tokens_per_item)
+            seen[m] += 1
         return out
 
     @torch.inference_mode()
@@ -261,7 +308,7 @@ class ComposedModel(nn.Module):
         assert self.tokenizer is not None, "compose(..., tokenizer=...) is needed for generate"
         single = bool(messages) and isinstance(messages[0], Mapping)
         chats = [messages] if single else list(messages)
-        prompts, items = [], {m: [] for m in MODALITIES}
+        chats_ids, items = [], {m: [] for m in MODALITIES}
         counts = {m: [] for m in MODALITIES}
         for chat in chats:
             chat = list(chat)
@@ -278,12 +325,16 @@ class ComposedModel(nn.Module):
                         per_chat[modality] += 1
             for m in MODALITIES:
                 counts[m].append(per_chat[m])
-            prompts.append(self.expand_placeholders(self.tokenizer.apply_chat_template(chat)))
+            chats_ids.append(self.tokenizer.apply_chat_template(chat))
         device = next(self.backbone.parameters()).device
-        media = {
-            m: {"inputs": self.preprocess(m, items[m]).to(device), "counts": counts[m]}
-            for m in MODALITIES if items[m]
-        }
+        inputs = {m: [x.to(device) for x in self.preprocess(m, items[m])] for m in MODALITIES if items[m]}
+        prompts, start = [], {m: 0 for m in inputs}
+        for b, ids in enumerate(chats_ids):
+            own = {m: v[start[m] : start[m] + counts[m][b]] for m, v in inputs.items()}
+            prompts.append(self.expand_placeholders(ids, own))
+            for m in inputs:
+                start[m] += counts[m][b]
+        media = {m: {"inputs": stack_items(v), "counts": counts[m]} for m, v in inputs.items()}
         out = self.generate_ids(prompts, media, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 seed=seed, on_token=on_token)
         texts = [self.tokenizer.decode(o) for o in out]
@@ -316,12 +367,17 @@ class ComposedModel(nn.Module):
         return generate(self, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                         forward_kwargs={"media_state": state}, **sampling)
 
-    def preprocess(self, modality: str, raw: Sequence[Any]) -> torch.Tensor:
-        """Stack the encoder's preprocessing of raw items (paths, arrays, tensors)."""
+    def preprocess(self, modality: str, raw: Sequence[Any]) -> list[torch.Tensor]:
+        """The encoder's preprocessing of raw items (paths, arrays, tensors)."""
         if modality not in self.encoders:
             raise MediaMismatchError(f"{modality} input but no {modality} encoder is composed")
         encoder = self.encoders[modality]
-        return torch.stack([encoder.preprocess(Path(r) if isinstance(r, str) else r) for r in raw])
+        return [encoder.preprocess(Path(r) if isinstance(r, str) else r) for r in raw]
+
+
+def stack_items(items: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """One tensor when the items share a shape, else the list (variable-length media)."""
+    return torch.stack(items) if len({tuple(x.shape) for x in items}) == 1 else items
 
 
 def compose(

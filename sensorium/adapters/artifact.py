@@ -131,11 +131,11 @@ def save_adapter(
             "sensorium_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        if encoder is not None:
+        if encoder is not None:  # its weights travel with the adapter (they may have been trained with it)
             spec = encoder.spec_dict()
-            if spec.get("frozen", True):
-                atomic_save_safetensors(encoder.weights(), tmp / ENCODER_FILE, metadata={"format": FORMAT})
-                spec["weights"] = ENCODER_FILE
+            weights = {k: v.detach().contiguous() for k, v in encoder.weights().items()}
+            atomic_save_safetensors(weights, tmp / ENCODER_FILE, metadata={"format": FORMAT})
+            spec["weights"] = ENCODER_FILE
             manifest["encoder"] = spec
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
         old = None
@@ -195,11 +195,13 @@ def _register_builtin_kinds() -> None:
     )
     from sensorium.adapters.perceiver import PerceiverConfig
     from sensorium.adapters.projection import ProjectionAdapter, ProjectionConfig
+    from sensorium.adapters.speech import SpeechAdapter, SpeechAdapterConfig
 
     register_adapter_kind("cross_attention", lambda c, m: CrossAttentionAdapter(CrossAttentionConfig(**c), modality=m))
     register_adapter_kind("video_cross_attention", lambda c, m: VideoCrossAttentionAdapter(
         CrossAttentionConfig(**c["cross_attention"]), PerceiverConfig(**c["perceiver"]), modality=m))
     register_adapter_kind("projection", lambda c, m: ProjectionAdapter(ProjectionConfig(**c), modality=m))
+    register_adapter_kind("speech", lambda c, m: SpeechAdapter(SpeechAdapterConfig(**c), modality=m))
 
 
 def load_adapter(folder: str | Path, backbone: Llama | None = None, *, strict: bool = False) -> nn.Module:

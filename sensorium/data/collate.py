@@ -186,7 +186,7 @@ class ChatCollator:
                 media_items[m] += items
                 counts[m].append(len(items))
             keys.append(s.get("__key__", "?"))
-            extra.append({k: s[k] for k in ("text", "attributes", "messages") if k in s})
+            extra.append({k: s[k] for k in ("text", "attributes", "messages", "task") if k in s})
         T = max((len(r[0]) for r in rows), default=1)
         tokens = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), T), -100, dtype=torch.long)

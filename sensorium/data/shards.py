@@ -120,6 +120,14 @@ def video_sample_decoder(preprocess: Callable[[Any], Any]) -> SampleDecoder:
     return SampleDecoder("video", VIDEO_EXTS, preprocess)
 
 
+AUDIO_EXTS = ("flac", "wav", "ogg")
+
+
+def speech_sample_decoder(preprocess: Callable[[Any], Any]) -> SampleDecoder:
+    """Decoder for speech-text samples (``.flac``/``.wav``/``.ogg`` + ``.json``): audio bytes through ``preprocess``."""
+    return SampleDecoder("speech", AUDIO_EXTS, preprocess)
+
+
 def sample_pipeline(
     urls: str | Path | Sequence[str | Path],
     decode: Callable[[dict[str, Any]], dict[str, Any]],

@@ -13,6 +13,11 @@ from sensorium.encoders.video import VideoEncoder, VideoEncoderSpec
 def build_encoder(spec: dict[str, Any]) -> nn.Module:
     """An encoder from a manifest's encoder spec (``kind`` selects the class; unknown keys are ignored)."""
     kind = spec.get("kind", "image")
+    if kind == "speech":
+        from sensorium.encoders.speech import SpeechEncoder, SpeechEncoderSpec
+
+        names = {f.name for f in dataclasses.fields(SpeechEncoderSpec)}
+        return SpeechEncoder(SpeechEncoderSpec(**{k: v for k, v in spec.items() if k in names} | {"frozen": True}))
     fields = {f.name for f in dataclasses.fields(ImageEncoderSpec)}
     image = ImageEncoderSpec(**{k: v for k, v in spec.items() if k in fields})
     if kind == "image":

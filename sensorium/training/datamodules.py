@@ -73,7 +73,7 @@ class ShardDataModule(L.LightningDataModule):
         collate = module.collator()
         if self.hparams.features:
             feature_cache.check_features(self.hparams.features, module.model.encoders[module.modality])
-            root, decode = Path(self.hparams.features), feature_cache.FeatureSampleDecoder(module.modality)
+            root, decode = Path(self.hparams.features), module.feature_decoder()
             collate.features = True
         else:
             root, decode = self.root, module.sample_decoder()

@@ -24,7 +24,7 @@ from sensorium.adapters.cross_attention import (
 from sensorium.adapters.perceiver import PerceiverConfig
 from sensorium.adapters.projection import ProjectionAdapter, ProjectionConfig
 from sensorium.backbone import embedded_backbone_path, load_backbone, load_tokenizer
-from sensorium.compose import ComposedModel
+from sensorium.compose import ComposedModel, stack_items
 from sensorium.data.collate import Batch, ChatCollator
 from sensorium.data.shards import SampleDecoder, image_sample_decoder, video_sample_decoder
 from sensorium.encoders.image import ImageEncoder, ImageEncoderSpec
@@ -61,15 +61,16 @@ class AdapterModule(L.LightningModule):
     modality = ""
     score_vocabulary: dict[str, Any] = {}
 
-    def _save_config(self, encoder: ImageEncoderSpec | None) -> ImageEncoderSpec:
+    def _save_config(self, encoder: Any, default: Callable[[], Any] = ImageEncoderSpec,
+                     pretrain_recipe: str = "recipes/image/shapes_encoder.yaml") -> Any:
         """Record the caller's init arguments as plain hyper-parameters (checkpoints then load with
         ``weights_only=True``) and check the encoder checkpoint exists."""
         import inspect
 
-        spec = encoder or ImageEncoderSpec()
+        spec = encoder or default()
         self.save_hyperparameters(ignore=["encoder"], frame=inspect.currentframe().f_back)
         self.hparams["encoder"] = asdict(spec)
-        check_encoder_checkpoint(spec)
+        check_encoder_checkpoint(spec, pretrain_recipe)
         return spec
 
     def _compose(self, backbone: str, tokenizer: str | None, init_adapter: str | None,
@@ -97,6 +98,12 @@ class AdapterModule(L.LightningModule):
     def sample_decoder(self) -> SampleDecoder:
         """Raw shard sample → decoded sample (used by the DataModule in its workers)."""
         raise NotImplementedError
+
+    def feature_decoder(self) -> Any:
+        """Feature-shard sample → decoded sample (cached encoder outputs; see :mod:`sensorium.data.features`)."""
+        from sensorium.data.features import FeatureSampleDecoder
+
+        return FeatureSampleDecoder(self.modality)
 
     def collator(self) -> ChatCollator:
         """Decoded samples → :class:`Batch` (placeholders expanded for this adapter)."""
@@ -146,11 +153,13 @@ class AdapterModule(L.LightningModule):
             prompts.append(ids)
             items += media_items
         kind = "features" if "features" in batch.media[m] else "inputs"
-        media = {m: {kind: torch.stack(items), "counts": batch.media[m]["counts"]}}
+        media = {m: {kind: stack_items(items), "counts": batch.media[m]["counts"]}}
         out = self.model.generate_ids(prompts, media, max_new_tokens=self.hparams.eval_max_new_tokens)
         for ex, ids in zip(batch.extra, out, strict=True):
-            self._test_results.append({"reference": ex.get("text"), "prediction": self.tokenizer.decode(ids).strip(),
-                                       "attributes": ex.get("attributes")})
+            answer = [t["content"] for t in ex.get("messages", []) if t["role"] == "assistant"]
+            self._test_results.append({"reference": answer[-1] if answer else ex.get("text"),
+                                       "prediction": self.tokenizer.decode(ids).strip(),
+                                       "attributes": ex.get("attributes"), "task": ex.get("task")})
 
     @staticmethod
     def _items_per_sample(batch: Batch, modality: str) -> list[list[torch.Tensor]]:
@@ -165,7 +174,7 @@ class AdapterModule(L.LightningModule):
         results, self._test_results = self._test_results, []
         if not results:
             return
-        scores = attribute_accuracy(results, self.score_vocabulary)
+        scores = self.score(results)
         for k, v in scores.items():
             self.log(f"test/{k}", v)
         out = Path(self.hparams.adapter_dir).parent / "test_predictions.jsonl"
@@ -177,6 +186,10 @@ class AdapterModule(L.LightningModule):
                 f.write(json.dumps(r) + "\n")
         print(f"test: {len(results)} samples; " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items())
               + f"; predictions in {out}", file=sys.stderr)
+
+    def score(self, results: list[dict[str, Any]]) -> dict[str, float]:
+        """Test scores of generated answers (default: attribute accuracy against the sample's attributes)."""
+        return attribute_accuracy(results, self.score_vocabulary)
 
     def on_train_end(self) -> None:
         if self.bad:
@@ -365,10 +378,10 @@ class VideoAdapterModule(AdapterModule):
         return video_sample_decoder(self.model.encoders["video"].transform)
 
 
-def check_encoder_checkpoint(spec: ImageEncoderSpec) -> None:
+def check_encoder_checkpoint(spec: Any, pretrain_recipe: str = "recipes/image/shapes_encoder.yaml") -> None:
     """A missing encoder checkpoint is an error that says how to make it."""
     if spec.checkpoint and not Path(spec.checkpoint).is_file():
         raise SensoriumError(
             f"encoder checkpoint {spec.checkpoint} does not exist; pretrain it first with "
-            "`sensorium fit --config recipes/image/shapes_encoder.yaml` (or point encoder.checkpoint at local weights)"
+            f"`sensorium fit --config {pretrain_recipe}` (or point encoder.checkpoint at local weights)"
         )
