@@ -1,6 +1,7 @@
 """sensorium: teach a frozen Llama-architecture language model to see, watch and listen."""
 
 from sensorium.adapters import load_adapter, save_adapter
+from sensorium.attach import AttachedModel, attach, detach
 from sensorium.backbone import (
     Llama,
     LlamaConfig,
@@ -22,6 +23,7 @@ from sensorium.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttachedModel",
     "CheckpointError",
     "ComposedModel",
     "CheckpointNotFoundError",
@@ -31,7 +33,9 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "UnsupportedCheckpointError",
+    "attach",
     "compose",
+    "detach",
     "embedded_backbone_path",
     "generate",
     "load_adapter",
