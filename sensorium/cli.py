@@ -5,6 +5,7 @@ Subcommands:
     data      write a synthetic data set as webdataset shards (shapes, moving-shapes, spoken-words).
     features  run a recipe's frozen encoder once over its shards and write the outputs as feature shards.
     generate  continue a prompt or answer a chat turn, optionally with adapters and media.
+    import    convert another model's checkpoint (mllama: Llama 3.2 Vision) into a backbone + adapter.
     demo      the embedded default end to end (for now: load SmolLM2 and chat one turn).
 
 Errors caused by input (missing or malformed checkpoints, bad options) print one line
@@ -60,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
     sub.add_parser("features", help="cache a recipe's frozen encoder outputs as feature shards", add_help=False)
+
+    im = sub.add_parser("import", help="convert another model's checkpoint into a backbone and an adapter",
+                        description="Convert a transformers MllamaForConditionalGeneration folder (Llama 3.2 "
+                        "Vision) into DIR/backbone (a HF Llama folder with the self-attention layers) and "
+                        "DIR/adapter (a sensorium image cross-attention adapter: the cross-attention layers and "
+                        "the multi-modal projector).")
+    im.add_argument("format", choices=["mllama"], help="the source layout")
+    im.add_argument("src", metavar="SRC", help="the checkpoint folder (config.json + *.safetensors)")
+    im.add_argument("--out", required=True, metavar="DIR", help="output folder (its backbone/ and adapter/ are replaced)")
 
     d = sub.add_parser("demo", help="run the embedded default end to end", description="Run the embedded default.")
     d.add_argument("--prompt", default="What is the capital of France?", help="the question to ask")
@@ -154,6 +164,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _data(args)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "import":
+        return _import(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -163,6 +175,14 @@ def _data(args: argparse.Namespace) -> int:
     num = args.num or (2000 if args.name == "moving-shapes" else 4000)
     out = make_dataset(args.name, args.out, num=num, seed=args.seed)
     print(f"wrote {args.name} to {out}", file=sys.stderr)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from sensorium.interop.mllama import import_mllama
+
+    backbone, adapter = import_mllama(args.src, args.out)
+    print(f"backbone: {backbone}\nadapter: {adapter}")
     return 0
 
 
