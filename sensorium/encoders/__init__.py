@@ -17,7 +17,9 @@ def build_encoder(spec: dict[str, Any]) -> nn.Module:
         from sensorium.encoders.speech import SpeechEncoder, SpeechEncoderSpec
 
         names = {f.name for f in dataclasses.fields(SpeechEncoderSpec)}
-        return SpeechEncoder(SpeechEncoderSpec(**{k: v for k, v in spec.items() if k in names} | {"frozen": True}))
+        # inference: frozen, and over-long audio is truncated with a warning (training rejects it instead)
+        fixed = {"frozen": True, "truncate": True}
+        return SpeechEncoder(SpeechEncoderSpec(**{k: v for k, v in spec.items() if k in names} | fixed))
     fields = {f.name for f in dataclasses.fields(ImageEncoderSpec)}
     image = ImageEncoderSpec(**{k: v for k, v in spec.items() if k in fields})
     if kind == "image":
