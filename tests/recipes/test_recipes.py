@@ -39,3 +39,16 @@ def test_image_and_video_recipes_run(tmp_path, monkeypatch):
         keys = set(ckpt["state_dict"])
         modality = "video" if "video" in recipe else "image"
         assert keys and all(k.startswith(f"model.adapters.{modality}.") for k in keys), sorted(keys)[:5]
+
+
+def test_speech_recipes_run(tmp_path, monkeypatch):
+    """The shipped speech recipes (CTC encoder, then the adapter on SmolLM2), unchanged but for their length."""
+    pytest.importorskip("espeakng_loader")
+    monkeypatch.chdir(tmp_path)
+    assert _run("speech/spoken_words_encoder.yaml") == 0
+    assert Path("runs/speech/encoder/encoder.safetensors").is_file()
+    assert _run("speech/spoken_words.yaml") == 0
+    assert Path("runs/speech/adapter/manifest.json").is_file()
+    ckpt = torch.load("runs/speech/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    keys = set(ckpt["state_dict"])
+    assert keys and all(k.startswith("model.adapters.speech.") for k in keys), sorted(keys)[:5]
