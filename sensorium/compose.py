@@ -6,6 +6,16 @@ ids just past the vocabulary) plus, per modality, the items in the order their p
 items of different lengths, such as speech, come as lists). Cross-attention adapters see their media
 through gated blocks; splice adapters (projection, speech) replace their placeholder positions with
 projected encoder tokens — a fixed number per item, or for speech a number computed from its length.
+
+Composition: adapters trained one at a time on the same backbone combine without retraining. Each one sees
+only its own modality (its blocks read ``extras[modality]``, its splice fills only its own placeholders), a
+modality whose media are absent leaves the result exactly as if its adapter were not composed, and where
+two adapters put blocks in front of the same decoder layer they run in the order the adapters are given.
+An adapter that does not fit the backbone (another width, blocks past its last layer, a folder trained on
+another backbone shape) or its encoder is refused with an error that names the adapter folder.
+
+Generation can contrast the prompt with its media against the prompt without them (CM3Leon-style
+classifier-free guidance, ``contrastive_alpha``; see :mod:`sensorium.backbone.generate`).
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -16,15 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sensorium.adapters.artifact import AdapterMismatchError
 from sensorium.adapters.cross_attention import MediaInputs
-from sensorium.adapters.fusion import fuse, unfuse
+from sensorium.adapters.fusion import FusedLayer, fuse, unfuse
 from sensorium.backbone.model import Llama
 from sensorium.backbone.tokenizer import MODALITY_OF_PLACEHOLDER, PLACEHOLDERS, Tokenizer
 from sensorium.encoders.base import Features
 from sensorium.errors import SensoriumError
 
 MODALITIES: tuple[str, ...] = tuple(MODALITY_OF_PLACEHOLDER[p] for p in PLACEHOLDERS)  # image, video, speech
-_PART_TYPES = {"image": "image", "video": "video", "audio": "speech", "speech": "speech"}
+PART_TYPES = {"image": "image", "video": "video", "audio": "speech", "speech": "speech"}  # message part type → modality
 
 
 class MediaMismatchError(SensoriumError, ValueError):
@@ -73,17 +84,55 @@ class ComposedModel(nn.Module):
         if tokenizer is not None:
             tokenizer.placeholder_base = base
         self.placeholder_ids = {m: base + i for i, m in enumerate(MODALITIES)}
-        for adapter in adapters:
-            self.add_adapter(adapter)
+        try:
+            for adapter in adapters:
+                self.add_adapter(adapter)
+        except Exception:
+            for modality in list(self.adapters):  # leave the backbone as it was given
+                self.remove_adapter(modality)
+            raise
 
     # -------------------------------------------------------------------------------------- adapters
     def add_adapter(self, adapter: nn.Module) -> None:
-        """Attach an adapter (its blocks go in front of the backbone layers it names)."""
+        """Attach an adapter (its blocks go in front of the backbone layers it names).
+
+        Raises:
+            AdapterMismatchError: the adapter (or the encoder composed for its modality) does not fit.
+            MediaMismatchError: its modality already has an adapter here, or the backbone already carries
+                blocks of that modality from another composition (they would see this one's media).
+        """
+        name = describe_adapter(adapter)
         if adapter.modality in self.adapters:
-            raise MediaMismatchError(f"a {adapter.modality} adapter is already composed; one per modality")
-        self.adapters[adapter.modality] = adapter
+            other = describe_adapter(self.adapters[adapter.modality])
+            raise MediaMismatchError(f"{name}: {other} is already composed for {adapter.modality}; one adapter per modality")
+        self._check_fits(adapter)
         if adapter.blocks:
+            stale = [i for i, layer in enumerate(self.backbone.layers) if isinstance(layer, FusedLayer)
+                     and any(m == adapter.modality for m, _ in layer.blocks)]
+            if stale:
+                raise MediaMismatchError(
+                    f"{name}: the backbone already carries {adapter.modality} blocks (layers {stale}) from another "
+                    f"composition, which would see this one's media; remove_adapter('{adapter.modality}') on that "
+                    "model or load the backbone again"
+                )
             fuse(self.backbone.layers, adapter)
+        self.adapters[adapter.modality] = adapter
+
+    def _check_fits(self, adapter: nn.Module) -> None:
+        """The adapter writes the backbone's width, places blocks on existing layers, and reads its encoder's width."""
+        name, c = describe_adapter(adapter), self.backbone.config
+        dim = getattr(getattr(adapter, "config", None), "dim", None)
+        if dim is not None and dim != c.dim:
+            raise AdapterMismatchError(f"{name}: writes {dim}-wide embeddings; the backbone's width is {c.dim}")
+        outside = [i for i in getattr(adapter, "layers", []) if not 0 <= i < c.n_layers]
+        if outside:
+            raise AdapterMismatchError(f"{name}: places blocks at layer(s) {outside}; the backbone has {c.n_layers} layers")
+        encoder = self.encoders[adapter.modality] if adapter.modality in self.encoders else None
+        want, have = media_dim(adapter), getattr(encoder, "out_dim", None)
+        if want is not None and have is not None and want != have:
+            raise AdapterMismatchError(
+                f"{name}: reads {want}-wide {adapter.modality} features; its encoder gives {have}-wide ones"
+            )
 
     def remove_adapter(self, modality: str) -> nn.Module:
         """Detach and return the adapter of ``modality``; the backbone's layers are restored."""
@@ -289,6 +338,7 @@ class ComposedModel(nn.Module):
         seed: int | None = None,
         system: str | None = None,
         on_token: Callable[[int, int], None] | None = None,
+        contrastive_alpha: float = 0.0,
     ) -> str | list[str]:
         """Answer one conversation (or a batch of them) whose messages may hold media.
 
@@ -304,6 +354,9 @@ class ComposedModel(nn.Module):
             seed: sampling seed.
             system: system message (None: the tokenizer's default; "": no system message).
             on_token: streaming callback ``(row, token_id)``.
+            contrastive_alpha: contrastive decoding weight ``α``: the next token is chosen from
+                ``(1 + α) · logits(chat) − α · logits(chat without its media)`` (see :meth:`generate_ids`);
+                0 (the default) is plain decoding.
         """
         assert self.tokenizer is not None, "compose(..., tokenizer=...) is needed for generate"
         single = bool(messages) and isinstance(messages[0], Mapping)
@@ -319,7 +372,7 @@ class ComposedModel(nn.Module):
                 if isinstance(msg["content"], str):
                     continue
                 for part in msg["content"]:
-                    modality = _PART_TYPES.get(part.get("type", ""))
+                    modality = PART_TYPES.get(part.get("type", ""))
                     if modality is not None:
                         items[modality].append(part.get(part["type"]))
                         per_chat[modality] += 1
@@ -336,7 +389,7 @@ class ComposedModel(nn.Module):
                 start[m] += counts[m][b]
         media = {m: {"inputs": stack_items(v), "counts": counts[m]} for m, v in inputs.items()}
         out = self.generate_ids(prompts, media, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                seed=seed, on_token=on_token)
+                                seed=seed, on_token=on_token, contrastive_alpha=contrastive_alpha)
         texts = [self.tokenizer.decode(o) for o in out]
         return texts[0] if single else texts
 
@@ -348,24 +401,65 @@ class ComposedModel(nn.Module):
         *,
         max_new_tokens: int = 64,
         stop_ids: Sequence[int] | None = None,
+        contrastive_alpha: float = 0.0,
         **sampling: Any,
     ) -> list[list[int]]:
         """Continue token prompts (placeholders already expanded) given their media; new ids per prompt.
 
         Media are encoded and projected once, before decoding starts.
-        """
-        from sensorium.backbone.generate import generate
 
+        Contrastive decoding (``contrastive_alpha`` = α > 0, CM3Leon's classifier-free guidance): each prompt
+        also runs without its media — its placeholder positions removed, so no cross-attention block sees
+        media and nothing is spliced — as a second batch half with its own KV-cache rows (one forward of
+        ``2B`` rows per step), and the next token is chosen from
+        ``(1 + α) · logits_with_media − α · logits_without_media``. α = 0 is plain decoding (the same code
+        path); a batch without any media decodes plainly too (both halves would be equal).
+
+        Args:
+            prompts: token ids per prompt, placeholders expanded (:meth:`expand_placeholders`).
+            media: per modality, the items for the placeholders (see the module docstring).
+            max_new_tokens: most tokens per answer.
+            stop_ids: ids that end an answer (default: the tokenizer's).
+            contrastive_alpha: guidance weight α (>= 0).
+            **sampling: ``temperature``, ``top_p``, ``seed``, ``on_token``, ``use_cache`` of
+                :func:`~sensorium.backbone.generate.generate`.
+        """
+        from sensorium.backbone.generate import check_contrastive_alpha, generate
+
+        alpha = check_contrastive_alpha(contrastive_alpha)
+        prompts = [list(p) for p in prompts]
+        without = self.without_media(prompts) if alpha != 0 else None
+        rows = prompts + (without or [])
         device = next(self.backbone.parameters()).device
-        L = max(len(p) for p in prompts)
-        padded = torch.zeros(len(prompts), L, dtype=torch.long, device=device)  # left-padded, as generate() does
-        for i, p in enumerate(prompts):
-            padded[i, L - len(p) :] = torch.tensor(list(p), device=device)
+        L = max(len(p) for p in rows)
+        padded = torch.zeros(len(rows), L, dtype=torch.long, device=device)  # left-padded, as generate() does
+        for i, p in enumerate(rows):
+            padded[i, L - len(p) :] = torch.tensor(p, device=device)
+        if without is not None:  # the contrast rows hold no item of any modality
+            media = {m: {**entry, "counts": torch.cat([torch.as_tensor(entry["counts"]).long().cpu(),
+                                                       torch.zeros(len(without), dtype=torch.long)])}
+                     for m, entry in (media or {}).items()}
         state = self.prepare(padded, media)
         if stop_ids is None:
             stop_ids = sorted(self.tokenizer.stop_ids) if self.tokenizer is not None else []
         return generate(self, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                        forward_kwargs={"media_state": state}, **sampling)
+                        forward_kwargs={"media_state": state}, contrastive_alpha=alpha if without else 0.0,
+                        contrastive_prompts=without, **sampling)
+
+    def without_media(self, prompts: Sequence[Sequence[int]]) -> list[list[int]] | None:
+        """The prompts with every media placeholder removed, or None when no prompt holds one.
+
+        Raises:
+            MediaMismatchError: a prompt is nothing but media (contrastive decoding needs text to fall back on).
+        """
+        ph = set(self.placeholder_ids.values())
+        if not any(i in ph for p in prompts for i in p):
+            return None
+        out = [[i for i in p if i not in ph] for p in prompts]
+        for b, p in enumerate(out):
+            if not p:
+                raise MediaMismatchError(f"prompt {b} holds only media: contrastive decoding needs text besides them")
+        return out
 
     def preprocess(self, modality: str, raw: Sequence[Any]) -> list[torch.Tensor]:
         """The encoder's preprocessing of raw items (paths, arrays, tensors)."""
@@ -373,6 +467,20 @@ class ComposedModel(nn.Module):
             raise MediaMismatchError(f"{modality} input but no {modality} encoder is composed")
         encoder = self.encoders[modality]
         return [encoder.preprocess(Path(r) if isinstance(r, str) else r) for r in raw]
+
+
+def describe_adapter(adapter: nn.Module) -> str:
+    """How errors name an adapter: its folder when it was loaded from one."""
+    source = getattr(adapter, "source", None)
+    return str(source) if source is not None else f"the {adapter.modality} adapter ({type(adapter).__name__})"
+
+
+def media_dim(adapter: nn.Module) -> int | None:
+    """Width of the encoder features an adapter reads (None when it does not say)."""
+    perceiver = getattr(adapter, "perceiver_config", None)
+    if perceiver is not None:
+        return perceiver.media_dim
+    return getattr(getattr(adapter, "config", None), "media_dim", None)
 
 
 def stack_items(items: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
@@ -390,7 +498,19 @@ def compose(
     """One model from a backbone and trained adapters (modules or adapter folders).
 
     Adapter folders are checked against the backbone (shapes must match; a weight-hash mismatch warns,
-    or fails with ``strict=True``) and bring their encoders.
+    or fails with ``strict=True``) and bring their encoders. Adapters trained separately on the same
+    backbone combine without retraining: each sees only its own media.
+
+    Args:
+        backbone: the frozen language model (its layers get the adapters' blocks).
+        adapters: adapter modules or folders, at most one per modality.
+        tokenizer: needed for :meth:`ComposedModel.generate`.
+        strict: refuse a backbone whose embedding weights differ from the adapter's (else a warning).
+
+    Raises:
+        AdapterMismatchError: an adapter does not fit the backbone or its encoder (the error names its folder).
+        AdapterError: a folder is malformed.
+        MediaMismatchError: two adapters of one modality.
     """
     from sensorium.adapters.artifact import load_adapter, load_encoder
 
@@ -405,4 +525,4 @@ def compose(
     return ComposedModel(backbone, modules, encoders=encoders, tokenizer=tokenizer)
 
 
-__all__ = ["ComposedModel", "MediaMismatchError", "compose", "lm_loss"]
+__all__ = ["PART_TYPES", "ComposedModel", "MediaMismatchError", "compose", "describe_adapter", "lm_loss", "media_dim"]
