@@ -87,7 +87,7 @@ class PerceiverResampler(nn.Module):
         self.latents = nn.Parameter(torch.randn(config.num_latents, config.dim) * 0.02)
         self.layers = nn.ModuleList(PerceiverLayer(config.dim, config.n_heads) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.dim)
-        self.group_embedding = nn.Parameter(torch.zeros(config.groups, config.dim))  # order of the groups
+        self.group_embedding = nn.Parameter(torch.randn(config.groups, config.dim))  # order of the groups (unit scale, like the normalised latents)
 
     @property
     def tokens_out(self) -> int:

@@ -58,7 +58,39 @@ class AttributeCollator:
         return {"images": images, "labels": labels, "targets": targets, "bad": bad}
 
 
-class ImageEncoderPretrainModule(L.LightningModule):
+class EncoderPretrainModule(L.LightningModule):
+    """What the encoder-pretraining modules share: one ``_step(batch, stage)`` for train/val/test, AdamW with
+    warm-up and cosine decay, and the trained encoder written at the end (``export_adapter``)."""
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1000
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, warmup=self.hparams.warmup_steps, total=total, min_ratio=0.02)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export_adapter(self) -> Path:
+        """Write the encoder weights (called by the export callback like an adapter's)."""
+        raise NotImplementedError
+
+    def on_train_end(self) -> None:
+        print(f"encoder written to {self.export_adapter()}", file=sys.stderr)
+
+
+class ImageEncoderPretrainModule(EncoderPretrainModule):
     """Train an image encoder to classify the synthetic attributes; save it as safetensors at the end.
 
     Args:
@@ -118,26 +150,6 @@ class ImageEncoderPretrainModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(batch["images"]))
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1000
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, warmup=self.hparams.warmup_steps, total=total, min_ratio=0.02)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
     def export_adapter(self) -> Path:
         """Write the encoder weights (called by the export callback like an adapter's)."""
         return save_encoder(self.encoder, self.hparams.out)
-
-    def on_train_end(self) -> None:
-        print(f"encoder written to {self.export_adapter()}", file=sys.stderr)

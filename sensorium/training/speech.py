@@ -14,7 +14,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +23,8 @@ from sensorium.data.collate import ChatCollator
 from sensorium.data.shards import SampleDecoder, speech_sample_decoder
 from sensorium.encoders.speech import SpeechEncoder, SpeechEncoderSpec, save_speech_encoder, speech_frames
 from sensorium.errors import SensoriumError
-from sensorium.training.modules import AdapterModule, warmup_cosine
+from sensorium.training.modules import AdapterModule
+from sensorium.training.pretrain import EncoderPretrainModule
 
 CTC_CHARS = " 'abcdefghijklmnopqrstuvwxyz"  # index i ↔ class i + 1; class 0 is the CTC blank
 TASK_PROMPTS = {"asr": "Repeat after me in English:", "translate": "Translate into French:"}
@@ -65,7 +65,7 @@ class CTCCollator:
                 "target_lengths": torch.tensor([len(t) for t in targets], dtype=torch.long), "texts": texts, "bad": bad}
 
 
-class SpeechEncoderPretrainModule(L.LightningModule):
+class SpeechEncoderPretrainModule(EncoderPretrainModule):
     """Train the Conformer speech encoder with CTC on characters; save it as safetensors at the end.
 
     Args:
@@ -115,23 +115,6 @@ class SpeechEncoderPretrainModule(L.LightningModule):
             self.log(f"{stage}/wer", wer(ctc_greedy_decode(logits, lengths), batch["texts"]), prog_bar=True, batch_size=B)
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1000
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, warmup=self.hparams.warmup_steps, total=total, min_ratio=0.02)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
     def export_adapter(self) -> Path:
         """Write the encoder weights (called by the export callback like an adapter's)."""
         return save_speech_encoder(self.encoder, self.hparams.out)
@@ -139,7 +122,7 @@ class SpeechEncoderPretrainModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.bad:
             print(f"skipped {len(self.bad)} unreadable samples", file=sys.stderr)
-        print(f"encoder written to {self.export_adapter()}", file=sys.stderr)
+        super().on_train_end()
 
 
 class SpeechTaskDecoder:
