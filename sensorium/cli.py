@@ -6,7 +6,8 @@ Subcommands:
     features  run a recipe's frozen encoder once over its shards and write the outputs as feature shards.
     generate  continue a prompt or answer a chat turn, optionally with adapters and media.
     import    convert another model's checkpoint (mllama: Llama 3.2 Vision) into a backbone + adapter.
-    demo      the embedded default end to end (for now: load SmolLM2 and chat one turn).
+    eval      run an evaluation recipe: metrics, predictions and an HTML report for a test split.
+    demo      the embedded default end to end: data, encoders, three adapters, composition, evaluation, report.
 
 Errors caused by input (missing or malformed checkpoints, bad options) print one line
 ``sensorium: error: ...`` and exit with status 2; ``SENSORIUM_DEBUG=1`` shows the traceback.
@@ -21,6 +22,8 @@ from collections.abc import Sequence
 from sensorium.errors import SensoriumError
 
 _DTYPES = ("float32", "bfloat16", "float16")
+SYNTHETIC_SETS = ("shapes", "moving-shapes", "spoken-words", "shapes-instruct", "moving-shapes-instruct",
+                  "spoken-words-instruct")  # sensorium.data.synthetic.GENERATORS (not imported: keeps --help fast)
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -29,6 +32,29 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="compute dtype (default: float32)")
+
+
+def _medium(kind: str):
+    """argparse type: a path tagged with its media kind (``("audio", path)``)."""
+
+    def tag(path: str) -> tuple[str, str]:
+        return kind, path
+
+    tag.__name__ = kind  # argparse names the type in its messages
+    return tag
+
+
+def _alpha(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,23 +70,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--system", default=None, help="system message for --chat ('' for none; default: the adapter's)")
     g.add_argument("--adapter", action="append", default=[], metavar="DIR", help="adapter folder (repeatable)")
-    g.add_argument("--image", action="append", default=[], metavar="PATH",
+    # one list for all media, so they reach the prompt in command-line order
+    g.add_argument("--image", dest="media", action="append", default=[], metavar="PATH", type=_medium("image"),
                    help="image file (repeatable); each adds an image before the prompt (implies --chat)")
-    g.add_argument("--video", action="append", default=[], metavar="PATH",
+    g.add_argument("--video", dest="media", action="append", metavar="PATH", type=_medium("video"),
                    help="video clip (repeatable); each adds a clip before the prompt (implies --chat)")
+    g.add_argument("--audio", dest="media", action="append", metavar="PATH", type=_medium("audio"),
+                   help="audio file read with soundfile (wav, flac, ogg; repeatable); each adds an utterance "
+                   "before the prompt for the speech adapter (implies --chat)")
+    g.add_argument("--contrastive-alpha", type=_alpha, default=0.0, metavar="A",
+                   help="contrastive decoding weight: tokens come from (1 + A) * logits with the media - A * logits "
+                   "without them (CM3Leon-style classifier-free guidance; costs a second batch half). "
+                   "0 = plain decoding (default)")
     _add_generation_options(g)
 
     dd = sub.add_parser("data", help="write a synthetic data set", description="Write a synthetic data set as "
                         "webdataset shards with train/val/test splits: shapes (captioned images), moving-shapes "
-                        "(captioned clips) or spoken-words (16 kHz speech synthesised with eSpeak NG, with "
-                        "transcripts and French translations).")
-    dd.add_argument("name", choices=["shapes", "moving-shapes", "spoken-words"], help="which set")
+                        "(captioned clips), spoken-words (16 kHz speech synthesised with eSpeak NG, with "
+                        "transcripts and French translations), and their *-instruct variants (multi-turn "
+                        "question-answer chats for instruction tuning).")
+    dd.add_argument("name", choices=list(SYNTHETIC_SETS), help="which set")
     dd.add_argument("--out", required=True, help="output folder")
     dd.add_argument("--num", type=int, default=None,
-                    help="training samples (default: 4000 images or utterances, 2000 clips)")
+                    help="training samples (default: 4000 images or utterances, 2000 clips, 1000 chats)")
     dd.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
     sub.add_parser("features", help="cache a recipe's frozen encoder outputs as feature shards", add_help=False)
+
+    ev = sub.add_parser("eval", help="evaluate adapters on a test split: metrics, predictions, an HTML report",
+                        description="Run an evaluation recipe (recipes/eval/*.yaml): compose the backbone and "
+                        "adapters, answer the split's samples (greedy), score them for the recipe's task (captions: "
+                        "CIDEr-D, BLEU-4, attribute accuracy; video QA: accuracy; ASR: WER; speech translation: "
+                        "BLEU) and write OUT/metrics.json, OUT/predictions.jsonl and OUT/report.html.")
+    ev.add_argument("--config", required=True, metavar="FILE", help="the evaluation recipe (YAML)")
+    ev.add_argument("--out", metavar="DIR", help="output folder (default: the recipe's out)")
+    ev.add_argument("--max-samples", type=int, metavar="N", help="evaluate the first N samples only")
 
     im = sub.add_parser("import", help="convert another model's checkpoint into a backbone and an adapter",
                         description="Convert a transformers MllamaForConditionalGeneration folder (Llama 3.2 "
@@ -71,9 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("src", metavar="SRC", help="the checkpoint folder (config.json + *.safetensors)")
     im.add_argument("--out", required=True, metavar="DIR", help="output folder (its backbone/ and adapter/ are replaced)")
 
-    d = sub.add_parser("demo", help="run the embedded default end to end", description="Run the embedded default.")
-    d.add_argument("--prompt", default="What is the capital of France?", help="the question to ask")
-    _add_generation_options(d)
+    d = sub.add_parser("demo", help="run the embedded default end to end", description="The embedded default end to "
+                       "end: synthetic data, encoder pretraining, image/video/speech adapters on the frozen SmolLM2, "
+                       "composition, evaluation of each modality alone and composed, one mixed-media conversation, "
+                       "a table and an HTML report (about 30 minutes on 2 CPU cores; --quick: about 5).")
+    d.add_argument("--dir", default="sensorium-demo", help="working folder (data/, runs/, reports/; reused by a rerun)")
+    d.add_argument("--quick", action="store_true", help="a few training steps on small sets: the pipeline, not quality")
+    d.add_argument("--fresh", action="store_true", help="delete the working folder first")
     return parser
 
 
@@ -166,15 +214,26 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _demo(args)
     if args.command == "import":
         return _import(args)
+    if args.command == "eval":
+        return _eval(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 
 def _data(args: argparse.Namespace) -> int:
     from sensorium.data.synthetic import make_dataset
 
-    num = args.num or (2000 if args.name == "moving-shapes" else 4000)
+    num = args.num
     out = make_dataset(args.name, args.out, num=num, seed=args.seed)
     print(f"wrote {args.name} to {out}", file=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from sensorium.eval.runner import EvalConfig, evaluate, metrics_table
+
+    overrides = {k: v for k, v in (("out", args.out), ("max_samples", args.max_samples)) if v is not None}
+    summary = evaluate(EvalConfig.from_yaml(args.config, **overrides))
+    print(metrics_table(summary))
     return 0
 
 
@@ -191,7 +250,7 @@ def _run_generation(backbone_path: str, tokenizer_path: str, args: argparse.Name
     import torch
 
     from sensorium.backbone import TextStreamer, load_backbone, load_tokenizer
-    from sensorium.compose import compose
+    from sensorium.compose import PART_TYPES, compose
 
     model = load_backbone(backbone_path, dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(tokenizer_path)
@@ -200,20 +259,26 @@ def _run_generation(backbone_path: str, tokenizer_path: str, args: argparse.Name
         systems = {a.manifest_data.get("prompt", {}).get("system") for a in composed.adapters.values()}
         system = systems.pop() if len(systems) == 1 else None
     content: str | list[dict] = args.prompt
+    for kind, path in media:
+        modality = PART_TYPES[kind]
+        if modality not in composed.adapters:
+            have = ", ".join(sorted(composed.adapters)) or "none"
+            raise SensoriumError(f"{path}: --{kind} needs a {modality} adapter (--adapter DIR); composed: {have}")
     if media:
         chat = True
         content = [{"type": kind, kind: path} for kind, path in media] + [{"type": "text", "text": args.prompt}]
     streamer = TextStreamer(tokenizer.decode)
+    alpha = getattr(args, "contrastive_alpha", 0.0)
     t0 = time.perf_counter()
     if chat:
         text = composed.generate(
             [{"role": "user", "content": content}], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed, system=system, on_token=streamer,
+            top_p=args.top_p, seed=args.seed, system=system, on_token=streamer, contrastive_alpha=alpha,
         )
     else:
         ids = composed.generate_ids(
             [tokenizer.encode(args.prompt)], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed, on_token=streamer,
+            top_p=args.top_p, seed=args.seed, on_token=streamer, contrastive_alpha=alpha,
         )[0]
         text = tokenizer.decode(ids)
     dt = time.perf_counter() - t0
@@ -224,22 +289,24 @@ def _run_generation(backbone_path: str, tokenizer_path: str, args: argparse.Name
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from sensorium.backbone import embedded_backbone_path
+    from pathlib import Path
 
+    from sensorium.backbone import embedded_backbone_path
+    from sensorium.errors import MediaError
+
+    for kind, path in args.media:  # before the backbone loads
+        if not Path(path).is_file():
+            raise MediaError(f"{path}: no such file (--{kind})")
     backbone = args.backbone or str(embedded_backbone_path())
-    media = [("image", p) for p in args.image] + [("video", p) for p in args.video]
     _run_generation(backbone, args.tokenizer or backbone, args, chat=args.chat, system=args.system,
-                    adapters=args.adapter, media=media)
+                    adapters=args.adapter, media=args.media)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sensorium.backbone import embedded_backbone_path
+    from sensorium.demo import run_demo
 
-    path = str(embedded_backbone_path())
-    print(f"backbone: {path}", file=sys.stderr)
-    print(f"user: {args.prompt}\nassistant: ", end="", flush=True)
-    _run_generation(path, path, args, chat=True, system=None)
+    run_demo(args.dir, quick=args.quick, fresh=args.fresh)
     return 0
 
 

@@ -61,3 +61,10 @@ def test_usage_errors(argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+
+
+def test_data_command_offers_every_synthetic_set():
+    from sensorium.cli import SYNTHETIC_SETS
+    from sensorium.data.synthetic import GENERATORS
+
+    assert set(SYNTHETIC_SETS) == set(GENERATORS)

@@ -8,6 +8,9 @@ captioned like "a small red triangle on the left"; the JSON also holds the centr
 a digit string read as words ("three one four") or a short list of words ("red cat book"), in a random
 English voice, rate and pitch, with a random gain and white noise; the JSON holds the transcript and its
 word-by-word French translation ("trois un quatre", "rouge chat livre").
+``shapes-instruct``, ``moving-shapes-instruct``, ``spoken-words-instruct``: LIMA-style instruction sets over
+the same media (the same render functions), each sample a chat of 1-3 turns about that medium (see
+:func:`instruction_chat`).
 Splits ``train``, ``val`` and ``test`` go to ``OUT/<split>/shard-NNNNNN.tar``; ``OUT/info.json`` records
 the set, its version, counts and the seed.
 """
@@ -250,6 +253,171 @@ def _spoken_words_samples(n: int, rng: np.random.Generator) -> Iterator[dict[str
         yield {"flac": encode_flac(audio), "json": json_}
 
 
+# ----------------------------------------------------------------------------------- instruction sets
+# LIMA ("Less Is More for Alignment"): about a thousand varied, consistent examples teach the chat format
+# on top of what pre-training (here: captioning) taught. Each sample is a chat of 1-3 turns: the first user
+# turn is the medium's placeholder followed by a question, later turns ask a follow-up about another
+# attribute without repeating the medium. Answer style, the same in every set: the caption's own words
+# for what was asked, lowercase, no final period ("red", "triangle", "small", "on the left", "left"),
+# "yes"/"no" for yes/no questions, the base caption for a description request, the transcript or its
+# French for speech, and counts as English number words ("three").
+
+SHAPES_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "colour": ("What colour is the shape?", "Which colour is it?", "Tell me the colour of the object.",
+               "What color is the shape?", "What is the colour of the shape in the picture?"),
+    "shape": ("What shape is it?", "Which shape do you see?", "Name the shape.", "What kind of shape is shown?",
+              "What is the shape in the image?"),
+    "size": ("Is the shape small or large?", "How big is the shape?", "What size is the object?",
+             "Is it a small or a large shape?"),
+    "position": ("Is it on the left, in the middle or on the right?", "Where is the shape?",
+                 "Where in the image is the object?", "Which side of the picture is the shape on?"),
+    "caption": ("Describe the image.", "What do you see?", "Give a short description of the picture.",
+                "What is in this image?", "Describe the picture in a few words."),
+}
+MOVING_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "colour": ("What colour is the shape?", "Which colour is it?", "Tell me the colour of the moving object.",
+               "What color is the shape in the video?"),
+    "shape": ("What shape is it?", "Which shape is moving?", "Name the shape.", "What kind of shape is in the clip?"),
+    "direction": ("Which way does it move?", "In which direction is the shape moving?",
+                  "Where is the shape going?", "Is it moving left, right, up or down?",
+                  "Which direction does the object travel in?"),
+    "caption": ("Describe the video.", "What happens in the clip?", "Describe what you see.",
+                "Give a short description of the video."),
+}
+SPEECH_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "transcript": ("What was said?", "Transcribe the audio.", "Repeat after me in English:",
+                   "Write down what you heard.", "What words do you hear?"),
+    "translation": ("Translate what was said into French.", "Translate into French:",
+                    "How do you say that in French?", "What is that in French?"),
+    "count": ("How many words were said?", "How many words do you hear?", "Count the spoken words."),
+    "first": ("What was the first word?", "Which word came first?"),
+    "last": ("What was the last word?", "Which word came last?"),
+    "kind": ("Were those digits or words?", "Is it a list of digits or of words?"),
+}
+FOLLOW_UPS: dict[str, tuple[str, ...]] = {  # extra forms for later turns (the medium is already in the chat)
+    "colour": ("And its colour?", "What colour is it, then?"),
+    "shape": ("And what shape is it?", "And its shape?"),
+    "size": ("And its size?", "Is it small or large?"),
+    "position": ("And where is it?", "Where is it, then?"),
+    "direction": ("And which way does it go?", "Which way is it heading?"),
+    "caption": ("Now describe it.", "Can you describe it?"),
+    "transcript": ("And what was said?", "Can you write it down?"),
+    "translation": ("And in French?", "Now translate it into French."),
+    "count": ("How many words was that?",),
+    "first": ("And the first word?",),
+    "last": ("And the last word?",),
+    "kind": ("Digits or words?",),
+}
+CHECK_QUESTIONS: dict[str, tuple[str, ...]] = {  # yes/no questions; "{v}" is the value asked about
+    "colour": ("Is the shape {v}?", "Is it {v}?"),
+    "shape": ("Is it a {v}?", "Is this a {v}?"),
+    "size": ("Is the shape {v}?", "Is it {v}?"),
+    "position": ("Is the shape {v}?", "Is it {v}?"),
+    "direction": ("Is it moving {v}?", "Does the shape move {v}?"),
+}
+CHECK_PROBABILITY = 0.2  # share of attribute questions asked as yes/no
+TURN_COUNTS = ((1, 0.5), (2, 0.3), (3, 0.2))  # turns per chat and their probabilities
+INSTRUCT_TASKS = {"transcript": "asr", "translation": "translate"}  # speech: test-scoring task of the last answer
+
+
+def _attribute_values(attr: str) -> list[str]:
+    """Every value of a shapes/moving-shapes attribute, in the words an answer uses."""
+    return {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES),
+            "position": list(POSITION_PHRASES.values()), "direction": list(DIRECTIONS)}[attr]
+
+
+def instruction_chat(rng: np.random.Generator, placeholder: str, answers: dict[str, str],
+                     questions: dict[str, tuple[str, ...]], weights: dict[str, float],
+                     checkable: dict[str, list[str]] | None = None
+                     ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """A chat of 1-3 turns about one medium, and what each answer is about.
+
+    Args:
+        rng: the random stream (the chat depends on it only).
+        placeholder: the medium's placeholder, put at the start of the first user turn only.
+        answers: topic → its answer (the topics the chat may ask about).
+        questions: topic → question forms.
+        weights: topic → relative chance of being asked (topics are drawn without replacement).
+        checkable: topic → every value it can take; such topics are asked as yes/no questions now and then.
+
+    Returns:
+        ``(messages, asks)``: the alternating user/assistant turns, and per answer ``{"topic": ...}``
+        (with ``"check"``: the value a yes/no question asked about).
+    """
+    checkable = checkable or {}
+    counts, probs = zip(*TURN_COUNTS, strict=True)
+    topics = list(answers)
+    p = np.array([weights[t] for t in topics], dtype=float)
+    n = min(int(rng.choice(counts, p=probs)), len(topics))
+    chosen = [topics[i] for i in rng.choice(len(topics), size=n, replace=False, p=p / p.sum())]
+    messages: list[dict[str, str]] = []
+    asks: list[dict[str, str]] = []
+    for turn, topic in enumerate(chosen):
+        ask = {"topic": topic}
+        if topic in checkable and rng.random() < CHECK_PROBABILITY:
+            truth = answers[topic]
+            others = [v for v in checkable[topic] if v != truth]
+            value = truth if rng.random() < 0.5 else others[int(rng.integers(len(others)))]
+            forms = CHECK_QUESTIONS[topic]
+            question = forms[int(rng.integers(len(forms)))].format(v=value)
+            answer = "yes" if value == truth else "no"
+            ask["check"] = value
+        else:
+            forms = questions[topic] + (FOLLOW_UPS.get(topic, ()) if turn else ())
+            question, answer = forms[int(rng.integers(len(forms)))], answers[topic]
+        messages += [{"role": "user", "content": (placeholder if turn == 0 else "") + question},
+                     {"role": "assistant", "content": answer}]
+        asks.append(ask)
+    return messages, asks
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _shapes_instruct_samples(n: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    attrs_ = ("colour", "shape", "size", "position")
+    weights = {"colour": 1.0, "shape": 1.0, "size": 1.0, "position": 1.0, "caption": 0.6}
+    for _ in range(n):
+        img, attrs = render_shapes_sample(rng)
+        caption = shapes_caption(attrs)
+        answers = {a: attrs[a] for a in attrs_} | {"position": POSITION_PHRASES[attrs["position"]], "caption": caption}
+        messages, asks = instruction_chat(rng, "<|image|>", answers, SHAPES_QUESTIONS, weights,
+                                          {a: _attribute_values(a) for a in attrs_})
+        json_ = {"messages": messages, "asks": asks, "text": caption, "attributes": attrs}
+        yield {"jpg": _jpeg(img), "json": json_}
+
+
+def _moving_instruct_samples(n: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    attrs_ = ("colour", "shape", "direction")
+    weights = {"colour": 1.0, "shape": 1.0, "direction": 1.5, "caption": 0.6}
+    for _ in range(n):
+        frames, attrs = render_moving_clip(rng)
+        caption = moving_caption(attrs)
+        answers = {a: attrs[a] for a in attrs_} | {"caption": caption}
+        messages, asks = instruction_chat(rng, "<|video|>", answers, MOVING_QUESTIONS, weights,
+                                          {a: _attribute_values(a) for a in attrs_})
+        json_ = {"messages": messages, "asks": asks, "text": caption, "attributes": attrs}
+        yield {"mp4": encode_mp4(frames), "json": json_}
+
+
+def _spoken_words_instruct_samples(n: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    weights = {"transcript": 3.0, "translation": 2.0, "count": 1.0, "first": 0.7, "last": 0.7, "kind": 0.6}
+    for _ in range(n):
+        audio, text, attrs = render_spoken_words_sample(rng)
+        words = text.split()
+        french = french_translation(words)
+        answers = {"transcript": text, "translation": french, "count": DIGITS[len(words)], "first": words[0],
+                   "last": words[-1], "kind": attrs["kind"]}
+        messages, asks = instruction_chat(rng, "<|speech|>", answers, SPEECH_QUESTIONS, weights)
+        task = INSTRUCT_TASKS.get(asks[-1]["topic"], "qa")
+        json_ = {"messages": messages, "asks": asks, "task": task, "text": text, "translation": {"fr": french},
+                 "attributes": attrs}
+        yield {"flac": encode_flac(audio), "json": json_}
+
+
 def default_split_sizes(num: int) -> dict[str, int]:
     """Train size ``num``; validation and test sets sized for stable accuracy figures (test ≥ 256)."""
     return {"train": num, "val": max(128, num // 20), "test": max(256, num // 10)}
@@ -283,18 +451,28 @@ def write_shards(samples: Iterator[dict[str, Any]], folder: Path, *, total: int,
     return sorted(folder.glob("shard-*.tar"))
 
 
-GENERATORS = {"shapes": _shapes_samples, "moving-shapes": _moving_samples, "spoken-words": _spoken_words_samples}
+GENERATORS = {
+    "shapes": _shapes_samples, "moving-shapes": _moving_samples, "spoken-words": _spoken_words_samples,
+    "shapes-instruct": _shapes_instruct_samples, "moving-shapes-instruct": _moving_instruct_samples,
+    "spoken-words-instruct": _spoken_words_instruct_samples,
+}
+DEFAULT_TRAIN_SIZES = {  # training samples per set when none is asked for (instruction sets: LIMA's ~1k)
+    "shapes": 4000, "moving-shapes": 2000, "spoken-words": 4000,
+    "shapes-instruct": 1000, "moving-shapes-instruct": 1000, "spoken-words-instruct": 1000,
+}
 VERSION = 2  # bumped when a generator changes; older sets are regenerated on first use
 
 
-def make_dataset(name: str, out: str | Path, *, num: int = 4000, seed: int = 0, per_shard: int = 1000) -> Path:
+def make_dataset(name: str, out: str | Path, *, num: int | None = None, seed: int = 0, per_shard: int = 1000) -> Path:
     """Generate synthetic set ``name`` into ``out`` with train/val/test splits; return ``out``.
 
-    Each split has its own random stream, so the test set does not depend on the train size.
+    Each split has its own random stream, so the test set does not depend on the train size. ``num``
+    is the training size (default: :data:`DEFAULT_TRAIN_SIZES`).
     """
     if name not in GENERATORS:
         raise ValueError(f"unknown synthetic data set {name!r} (known: {', '.join(GENERATORS)})")
     out = Path(out)
+    num = DEFAULT_TRAIN_SIZES[name] if num is None else num
     sizes = default_split_sizes(num)
     for i, (split, n) in enumerate(sizes.items()):
         if (out / split).is_dir():

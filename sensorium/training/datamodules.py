@@ -2,18 +2,73 @@
 
 With ``features`` set, the module's frozen encoder runs once over ``root`` (on first use, or when the
 shards or the encoder changed) and training and evaluation read the cached outputs instead of media.
+
+Resuming: the training stream's order is a pure function of (seed, epoch, rank, world size) (see
+:class:`~sensorium.data.shards.ShardStream`), and the training DataLoader is *stateful* in Lightning's
+sense: Lightning stores its ``state_dict()`` (epoch, samples consumed) in every checkpoint and hands it
+back on ``--ckpt_path``, so a resumed run skips exactly what the interrupted run had trained on and
+reads the same samples in the same batches as an uninterrupted run. Without that state (a checkpoint
+of an older sensorium) the interrupted epoch starts again.
+
+Several processes (DDP/FSDP): for training, ranks read disjoint shards; unless ``resampled`` is set to
+false, each rank reads its shards pass after pass and every epoch has ``epoch_samples`` samples per
+rank, so all ranks run the same number of steps (a rank with fewer batches leaves the others waiting
+forever in a collective). For evaluation every rank reads all shards and takes every world-size-th
+sample (the last incomplete round left out), which gives every rank the same number of batches too.
 """
 
 import multiprocessing
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
 
 from sensorium.data import features as feature_cache
-from sensorium.data.shards import sample_pipeline
+from sensorium.data.shards import ShardStream, count_samples, sample_pipeline
 from sensorium.data.synthetic import is_current, make_dataset
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader: its position is saved in Lightning checkpoints and restored on resume.
+
+    Args:
+        dataset: the training stream.
+        progress: ``() -> (epoch, batches of it trained on, epoch finished)`` (the trainer's counters).
+        **kwargs: DataLoader options.
+    """
+
+    def __init__(self, dataset: ShardStream, *, progress: Callable[[], tuple[int, int, bool]], **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.progress = progress
+        self._resume: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: the epoch and the samples this rank has trained on in it."""
+        epoch, batches, finished = self.progress()
+        if finished:
+            epoch, batches = epoch + 1, 0
+        ds = self.dataset
+        return {"epoch": epoch, "samples": batches * ds.batch_size, "seed": ds.seed, "world_size": ds.node()[1]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state`` on the next iteration."""
+        self._resume = dict(state)
+
+    def __iter__(self):
+        ds, state, self._resume = self.dataset, self._resume, None
+        if state is None:
+            ds.set_position(self.progress()[0])
+        elif state.get("seed") != ds.seed or state.get("world_size") != ds.node()[1]:
+            warnings.warn(f"resuming with another seed or world size than the checkpoint's ({state}): "
+                          f"epoch {state.get('epoch')} starts again in a new order", stacklevel=2)
+            ds.set_position(int(state["epoch"]))
+        else:
+            ds.set_position(int(state["epoch"]), int(state["samples"]))
+        return super().__iter__()
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -30,6 +85,10 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: training sample shuffle buffer.
         start_method: worker start method (``forkserver`` for audio: torchaudio threads can deadlock after fork).
         features: folder of cached encoder outputs for ``root`` (built on first use; see :mod:`sensorium.data.features`).
+        resampled: read each rank's training shards pass after pass, ``epoch_samples`` per epoch (default:
+            when training on several processes, so that every rank runs the same number of steps).
+        epoch_samples: training samples per epoch per rank for resampled streams (default: the training
+            split's sample count, counted from the shard headers, divided by the number of ranks).
     """
 
     def __init__(
@@ -44,6 +103,8 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         start_method: str | None = None,
         features: str | None = None,
+        resampled: bool | None = None,
+        epoch_samples: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -69,7 +130,8 @@ class ShardDataModule(L.LightningDataModule):
         return Path(out)
 
     def _loader(self, split: str, *, train: bool) -> DataLoader:
-        module = self.trainer.lightning_module
+        trainer = self.trainer
+        module = trainer.lightning_module
         collate = module.collator()
         if self.hparams.features:
             feature_cache.check_features(self.hparams.features, module.model.encoders[module.modality])
@@ -77,15 +139,28 @@ class ShardDataModule(L.LightningDataModule):
             collate.features = True
         else:
             root, decode = self.root, module.sample_decoder()
+        batch_size = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
+        world = trainer.world_size
+        resampled = train and (self.hparams.resampled if self.hparams.resampled is not None else world > 1)
+        epoch_samples = None
+        if resampled:
+            epoch_samples = self.hparams.epoch_samples or max(1, count_samples(root / split) // world)
         ds = sample_pipeline(root / split, decode, shuffle=self.hparams.shuffle_buffer if train else 0,
-                             seed=self.hparams.seed)
+                             seed=self.hparams.seed, resampled=resampled, epoch_samples=epoch_samples,
+                             batch_size=batch_size, rank=trainer.global_rank, world_size=world,
+                             split="shards" if train else "samples")
         workers = self.hparams.num_workers
         ctx = multiprocessing.get_context(self.hparams.start_method) if workers and self.hparams.start_method else None
-        return DataLoader(
-            ds, batch_size=self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
-            collate_fn=collate, num_workers=workers, persistent_workers=train and workers > 0,
-            multiprocessing_context=ctx,
-        )
+        options = dict(batch_size=batch_size, collate_fn=collate, num_workers=workers, multiprocessing_context=ctx)
+        if train:  # workers start afresh each epoch: they take the stream's position with them
+            return ResumableLoader(ds, progress=self._progress, **options)
+        return DataLoader(ds, **options)
+
+    def _progress(self) -> tuple[int, int, bool]:
+        """The trainer's (epoch, batches trained on in it, whether its last batch was reached)."""
+        trainer = self.trainer
+        batches = trainer.fit_loop.epoch_loop.batch_progress
+        return trainer.current_epoch, batches.current.processed, bool(batches.is_last_batch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

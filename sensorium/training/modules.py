@@ -129,7 +129,11 @@ class AdapterModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         self._account(batch)
-        if len(batch) == 0:
+        if len(batch) == 0:  # every sample of the batch was unreadable
+            if self.trainer.world_size > 1:
+                # the other ranks run backward on this step: DDP waits for a gradient of every trainable
+                # parameter from this rank too, so give it zeros
+                return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
             return None
         loss = self.model(batch.tokens, media=batch.media, labels=batch.labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
@@ -198,6 +202,25 @@ class AdapterModule(L.LightningModule):
                 print(f"  {url} {key}: {reason}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------- optimiser
+    def configure_model(self) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # FSDP flattens each wrapped unit into one tensor of one dtype, and the root unit holds frozen
+            # weights (embedding, head) beside the fp32 adapter: keep everything in fp32 (sharded, so
+            # 4 bytes per weight / world size); FSDP's mixed precision computes in bf16
+            self.model.float()
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning refuses norm clipping under FSDP: the global norm needs the sharded root module
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]

@@ -8,7 +8,8 @@ import torch
 from sensorium.cli import main
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
-RECIPES = sorted(RECIPE_DIR.rglob("*.yaml"))
+RECIPES = sorted(p for p in RECIPE_DIR.rglob("*.yaml") if p.parent.name != "eval")  # eval recipes: test_eval_recipe_parses
+EVAL_RECIPES = sorted((RECIPE_DIR / "eval").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -17,6 +18,21 @@ def test_recipe_parses(recipe, capsys):
         main(["fit", "--config", str(recipe), "--print_config"])
     assert e.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", EVAL_RECIPES, ids=lambda p: f"eval/{p.name}")
+def test_eval_recipe_parses(recipe):
+    from sensorium.eval.runner import EvalConfig
+
+    config = EvalConfig.from_yaml(recipe)
+    assert config.adapters and config.data.startswith("data/") and config.out
+    assert f"sensorium eval --config recipes/eval/{recipe.name}" in recipe.read_text()  # its header says how to run it
+
+
+def test_eval_recipes_cover_every_task():
+    from sensorium.eval.runner import TASKS, EvalConfig
+
+    assert {EvalConfig.from_yaml(r).task for r in EVAL_RECIPES} == set(TASKS)
 
 
 def _run(recipe: str) -> int:

@@ -1,0 +1,214 @@
+"""``sensorium demo``: the embedded default end to end.
+
+Generates the synthetic sets, pretrains the small image and speech encoders, trains the image, video and
+speech adapters on the frozen SmolLM2-135M-Instruct with those encoders frozen, composes the three
+adapters into one model, evaluates each modality with its adapter alone and inside the composed model,
+holds one conversation that mixes an image, a clip and speech, prints a table and writes an HTML report.
+
+Everything lands in one working folder (``--dir``); stages whose outputs exist are reused, so an
+interrupted demo continues where it stopped (``--fresh`` starts over). The full run is budgeted at
+about 30 minutes on 2 CPU cores (each training stage has a time cap); ``--quick`` trains for a few
+steps on small sets (about 5 minutes) to show the pipeline, not the quality.
+"""
+
+import html
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sensorium.errors import SensoriumError
+
+
+@dataclass
+class Stage:
+    """One training run: a shipped recipe with overrides, and the file that shows it is done."""
+
+    name: str
+    recipe: str
+    output: str
+    full: list[str] = field(default_factory=list)
+    quick: list[str] = field(default_factory=list)
+
+
+def _caps(minutes: float) -> list[str]:
+    return ["--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}"]
+
+
+_QUICK_ADAPTER = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "30", "--trainer.limit_val_batches", "1"]
+
+STAGES = [
+    Stage("image encoder", "image/shapes_encoder.yaml", "runs/image/encoder/encoder.safetensors",
+          quick=["--trainer.max_steps", "40", "--trainer.val_check_interval", "40", "--data.num_train", "512"]),
+    Stage("image adapter", "image/shapes.yaml", "runs/image/adapter/manifest.json", full=_caps(5.5),
+          quick=[*_QUICK_ADAPTER, "--data.num_train", "512"]),
+    Stage("video adapter", "video/moving_shapes.yaml", "runs/video/adapter/manifest.json", full=_caps(5.5),
+          quick=[*_QUICK_ADAPTER, "--data.num_train", "128"]),
+    Stage("speech encoder", "speech/spoken_words_encoder.yaml", "runs/speech/encoder/encoder.safetensors",
+          full=_caps(4), quick=["--trainer.max_steps", "40", "--trainer.val_check_interval", "40",
+                                "--data.num_train", "512"]),
+    Stage("speech adapter", "speech/spoken_words.yaml", "runs/speech/adapter/manifest.json", full=_caps(5),
+          quick=[*_QUICK_ADAPTER, "--data.num_train", "512"]),
+]
+
+EVALS = [  # (modality, task, data folder, adapter folder)
+    ("image", "image_caption", "data/shapes", "runs/image/adapter"),
+    ("video", "video_caption", "data/moving_shapes", "runs/video/adapter"),
+    ("speech", "asr", "data/spoken_words", "runs/speech/adapter"),
+]
+
+
+def recipes_dir() -> Path:
+    """The shipped recipes (beside the package in a source checkout or an editable install)."""
+    here = Path(__file__).resolve().parents[1] / "recipes"
+    if not here.is_dir():
+        raise SensoriumError(f"the recipes folder is not at {here}; run the demo from a source checkout "
+                             "(`pip install -e .` of the repository)")
+    return here
+
+
+def _train(stages: Sequence[Stage], *, quick: bool, log: Any) -> dict[str, float]:
+    from sensorium.cli import main
+
+    minutes = {}
+    for stage in stages:
+        if Path(stage.output).exists():
+            print(f"[demo] {stage.name}: done already ({stage.output})", file=log)
+            continue
+        print(f"[demo] {stage.name}: sensorium fit --config recipes/{stage.recipe}", file=log, flush=True)
+        t0 = time.perf_counter()
+        args = ["fit", "--config", str(recipes_dir() / stage.recipe), *(stage.quick if quick else stage.full)]
+        if main(args) != 0 or not Path(stage.output).exists():
+            raise SensoriumError(f"demo stage '{stage.name}' failed (recipe {stage.recipe})")
+        minutes[stage.name] = (time.perf_counter() - t0) / 60
+    return minutes
+
+
+def _evaluate(*, quick: bool, log: Any) -> list[dict[str, Any]]:
+    from sensorium.eval.runner import EvalConfig, evaluate
+
+    every = [adapter for _, _, _, adapter in EVALS]
+    rows = []
+    for modality, task, data, adapter in EVALS:
+        scores = {}
+        for mode, adapters in (("alone", [adapter]), ("composed", every)):
+            print(f"[demo] evaluating {modality} ({mode})", file=log, flush=True)
+            config = EvalConfig(task=task, adapters=adapters, data=data, max_samples=32 if quick else 128,
+                                out=f"reports/{modality}_{mode}")
+            scores[mode] = evaluate(config)
+        rows.append({"modality": modality, "task": task, "alone": scores["alone"], "composed": scores["composed"]})
+    return rows
+
+
+def _first_media(data: str, exts: tuple[str, ...], out: Path) -> Path:
+    """Write the first test item of a shard folder (image, clip or audio) to ``out`` (with its extension)."""
+    import tarfile
+
+    shard = sorted((Path(data) / "test").glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            if m.name.rsplit(".", 1)[-1] in exts:
+                target = out.with_suffix("." + m.name.rsplit(".", 1)[-1])
+                target.write_bytes(tar.extractfile(m).read())
+                return target
+    raise SensoriumError(f"{shard}: no {'/'.join(exts)} item")
+
+
+def _conversation(log: Any) -> list[dict[str, str]]:
+    """One conversation with an image, a clip and speech, answered by the composed model turn by turn."""
+    import sensorium
+
+    media = Path("media")
+    media.mkdir(exist_ok=True)
+    image = _first_media("data/shapes", ("png", "jpg"), media / "image")
+    clip = _first_media("data/moving_shapes", ("mp4",), media / "clip")
+    audio = _first_media("data/spoken_words", ("flac", "wav"), media / "speech")
+    path = sensorium.embedded_backbone_path()
+    model = sensorium.compose(sensorium.load_backbone(path), [a for *_, a in EVALS],
+                              tokenizer=sensorium.load_tokenizer(path))
+    turns = [("image", image, "Describe the image."), ("video", clip, "Describe the video."),
+             ("audio", audio, "Repeat after me in English:")]
+    chat: list[dict[str, Any]] = []
+    out = []
+    for kind, item, question in turns:
+        chat.append({"role": "user", "content": [{"type": kind, kind: str(item)}, {"type": "text", "text": question}]})
+        answer = model.generate(chat, max_new_tokens=24, system="").strip()
+        chat.append({"role": "assistant", "content": answer})
+        out.append({"media": str(item), "question": question, "answer": answer})
+        print(f"[demo] user: <{kind}> {question}\n[demo] assistant: {answer}", file=log, flush=True)
+    return out
+
+
+def _headline(summary: dict[str, Any]) -> tuple[str, float]:
+    metrics = summary["metrics"]
+    for name in ("wer", "colour_and_shape", "exact", "accuracy", "cider_d"):
+        if name in metrics:
+            return name, float(metrics[name])
+    name = next(iter(metrics))
+    return name, float(metrics[name])
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'modality':<8} {'metric':<18} {'adapter alone':>14} {'composed':>10}"]
+    for r in rows:
+        name, alone = _headline(r["alone"])
+        composed = float(r["composed"]["metrics"][name])
+        lines.append(f"{r['modality']:<8} {name:<18} {alone:>14.3f} {composed:>10.3f}")
+    return "\n".join(lines)
+
+
+def _report(rows: list[dict[str, Any]], chat: list[dict[str, str]], minutes: dict[str, float]) -> Path:
+    parts = ["<!doctype html><meta charset='utf-8'><title>sensorium demo</title>",
+             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{padding:.3em .8em;"
+             "border-bottom:1px solid #ddd}</style><h1>sensorium demo</h1><h2>Scores</h2><table>",
+             "<tr><th>modality</th><th>metric</th><th>adapter alone</th><th>composed</th><th>galleries</th></tr>"]
+    for r in rows:
+        name, alone = _headline(r["alone"])
+        composed = float(r["composed"]["metrics"][name])
+        m = r["modality"]
+        parts.append(f"<tr><td>{m}</td><td>{name}</td><td>{alone:.3f}</td><td>{composed:.3f}</td>"
+                     f"<td><a href='{m}_alone/report.html'>alone</a> · <a href='{m}_composed/report.html'>"
+                     "composed</a></td></tr>")
+    parts.append("</table><h2>One conversation, three media</h2><ol>")
+    for t in chat:
+        parts.append(f"<li><b>{html.escape(Path(t['media']).name)}</b> — {html.escape(t['question'])}<br>"
+                     f"<i>{html.escape(t['answer'])}</i></li>")
+    parts.append("</ol><h2>Training time</h2><ul>")
+    parts += [f"<li>{html.escape(k)}: {v:.1f} min</li>" for k, v in minutes.items()]
+    parts.append("</ul>")
+    out = Path("reports/index.html")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts), encoding="utf-8")
+    return out
+
+
+def run_demo(folder: str | Path = "sensorium-demo", *, quick: bool = False, fresh: bool = False) -> dict[str, Any]:
+    """Run the demo in ``folder``; return its scores, the conversation and stage times."""
+    import os
+
+    folder = Path(folder)
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    log = sys.stderr
+    try:
+        t0 = time.perf_counter()
+        minutes = _train(STAGES, quick=quick, log=log)
+        rows = _evaluate(quick=quick, log=log)
+        chat = _conversation(log)
+        report = _report(rows, chat, minutes)
+        total = (time.perf_counter() - t0) / 60
+        (Path("reports") / "demo.json").write_text(json.dumps(
+            {"scores": [{"modality": r["modality"], "alone": r["alone"]["metrics"], "composed": r["composed"]["metrics"]}
+                        for r in rows], "conversation": chat, "minutes": minutes, "total_minutes": total}, indent=2))
+        print("\n" + _table(rows))
+        print(f"\nreport: {folder / report}  ({total:.1f} min)")
+        return {"rows": rows, "conversation": chat, "minutes": minutes, "total_minutes": total}
+    finally:
+        os.chdir(cwd)
