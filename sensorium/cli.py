@@ -169,7 +169,7 @@ def _lightning(argv: list[str]) -> int:
     import torch
     from lightning.pytorch.cli import LightningCLI
 
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(True)  # denormals slow CPU kernels many-fold; restored below (process-global state)
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]  # LightningCLI reads the command line itself
     try:
         LightningCLI(
@@ -178,6 +178,7 @@ def _lightning(argv: list[str]) -> int:
         )
     finally:
         sys.argv = saved
+        torch.set_flush_denormal(False)
     return 0
 
 
