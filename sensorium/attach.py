@@ -62,7 +62,7 @@ from sensorium.adapters.artifact import AdapterHashWarning, AdapterMismatchError
 from sensorium.adapters.cross_attention import MediaInputs
 from sensorium.adapters.fusion import _add_layer_prefix, _strip_layer_prefix
 from sensorium.backbone.model import DecoderContext, Llama
-from sensorium.compose import MODALITIES, ComposedModel, MediaMismatchError
+from sensorium.compose import MODALITIES, ComposedModel, MediaMismatchError, encode_entry
 from sensorium.encoders.base import Features
 from sensorium.errors import SensoriumError
 
@@ -293,19 +293,7 @@ class AttachedModel(nn.Module):
     # ------------------------------------------------------------------------------------------- media
     def encode(self, modality: str, entry: Mapping[str, Any]) -> Features:
         """Encoder tokens ``(I, N, D)`` and their mask (``"features"`` as given, or the encoder run on ``"inputs"``)."""
-        if "features" in entry:
-            feats = entry["features"]
-            if isinstance(feats, torch.Tensor):
-                return Features(feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device))
-            lengths = torch.tensor([f.shape[0] for f in feats], device=feats[0].device)
-            padded = nn.utils.rnn.pad_sequence(list(feats), batch_first=True)  # (I, N, D)
-            return Features(padded, torch.arange(padded.shape[1], device=padded.device)[None] < lengths[:, None])
-        if modality not in self.encoders:
-            raise MediaMismatchError(f"raw {modality} input but no {modality} encoder was given to attach")
-        encoder = self.encoders[modality]
-        grad = any(p.requires_grad for p in encoder.parameters())
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return encoder(entry["inputs"])
+        return encode_entry(self.encoders, modality, entry, missing="no {modality} encoder was given to attach")
 
     def prepare(self, input_ids: torch.Tensor, media: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
         """Encode and project ``media`` for ``input_ids`` ``(B, T)``: cross-attention inputs or splice embeddings.

@@ -149,19 +149,7 @@ class ComposedModel(nn.Module):
     # ----------------------------------------------------------------------------------------- media
     def encode(self, modality: str, entry: Mapping[str, Any]) -> Features:
         """Encoder tokens ``(I, N, D)`` and their mask for one modality's items (runs the encoder unless cached)."""
-        if "features" in entry:
-            feats = entry["features"]
-            if isinstance(feats, torch.Tensor):
-                return Features(feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device))
-            lengths = torch.tensor([f.shape[0] for f in feats], device=feats[0].device)
-            padded = nn.utils.rnn.pad_sequence(list(feats), batch_first=True)  # (I, N, D)
-            return Features(padded, torch.arange(padded.shape[1], device=padded.device)[None] < lengths[:, None])
-        if modality not in self.encoders:
-            raise MediaMismatchError(f"raw {modality} input but no {modality} encoder is composed")
-        encoder = self.encoders[modality]
-        grad = any(p.requires_grad for p in encoder.parameters())
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return encoder(entry["inputs"])
+        return encode_entry(self.encoders, modality, entry, missing="no {modality} encoder is composed")
 
     def item_positions(self, modality: str, item: Any) -> int:
         """Placeholder positions one item fills: the adapter's fixed count, or for variable-length adapters
@@ -481,6 +469,25 @@ def media_dim(adapter: nn.Module) -> int | None:
     if perceiver is not None:
         return perceiver.media_dim
     return getattr(getattr(adapter, "config", None), "media_dim", None)
+
+
+def encode_entry(encoders: Mapping[str, nn.Module], modality: str, entry: Mapping[str, Any], *,
+                 missing: str = "no {modality} encoder") -> Features:
+    """One modality's media entry as encoder tokens ``(I, N, D)`` with their mask: ``"features"`` as given
+    (a list of different lengths is padded), or ``encoders[modality]`` run on ``"inputs"``."""
+    if "features" in entry:
+        feats = entry["features"]
+        if isinstance(feats, torch.Tensor):
+            return Features(feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device))
+        lengths = torch.tensor([f.shape[0] for f in feats], device=feats[0].device)
+        padded = nn.utils.rnn.pad_sequence(list(feats), batch_first=True)  # (I, N, D)
+        return Features(padded, torch.arange(padded.shape[1], device=padded.device)[None] < lengths[:, None])
+    if modality not in encoders:
+        raise MediaMismatchError(f"raw {modality} input but " + missing.format(modality=modality))
+    encoder = encoders[modality]
+    grad = any(p.requires_grad for p in encoder.parameters())
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        return encoder(entry["inputs"])
 
 
 def stack_items(items: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
