@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the embedded default end to end", description="The embedded default end to "
                        "end: synthetic data, encoder pretraining, image/video/speech adapters on the frozen SmolLM2, "
                        "composition, evaluation of each modality alone and composed, one mixed-media conversation, "
-                       "a table and an HTML report (about 30 minutes on 2 CPU cores; --quick: about 5).")
+                       "a table and an HTML report (time-capped training stages; --quick: a few steps on small sets).")
     d.add_argument("--dir", default="sensorium-demo", help="working folder (data/, runs/, reports/; reused by a rerun)")
     d.add_argument("--quick", action="store_true", help="a few training steps on small sets: the pipeline, not quality")
     d.add_argument("--fresh", action="store_true", help="delete the working folder first")

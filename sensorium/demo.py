@@ -6,9 +6,9 @@ adapters into one model, evaluates each modality with its adapter alone and insi
 holds one conversation that mixes an image, a clip and speech, prints a table and writes an HTML report.
 
 Everything lands in one working folder (``--dir``); stages whose outputs exist are reused, so an
-interrupted demo continues where it stopped (``--fresh`` starts over). The full run is budgeted at
-about 30 minutes on 2 CPU cores (each training stage has a time cap); ``--quick`` trains for a few
-steps on small sets (about 5 minutes) to show the pipeline, not the quality.
+interrupted demo continues where it stopped (``--fresh`` starts over). Each training stage of the full
+run has a time cap (their sum is about 26 minutes); ``--quick`` trains for a few steps on small sets to
+show the pipeline, not the quality.
 """
 
 import html
@@ -97,7 +97,7 @@ def _evaluate(*, quick: bool, log: Any) -> list[dict[str, Any]]:
         scores = {}
         for mode, adapters in (("alone", [adapter]), ("composed", every)):
             print(f"[demo] evaluating {modality} ({mode})", file=log, flush=True)
-            config = EvalConfig(task=task, adapters=adapters, data=data, max_samples=32 if quick else 128,
+            config = EvalConfig(task=task, adapters=adapters, data=data, max_samples=8 if quick else 128,
                                 out=f"reports/{modality}_{mode}")
             scores[mode] = evaluate(config)
         rows.append({"modality": modality, "task": task, "alone": scores["alone"], "composed": scores["composed"]})
@@ -145,7 +145,7 @@ def _conversation(log: Any) -> list[dict[str, str]]:
 
 def _headline(summary: dict[str, Any]) -> tuple[str, float]:
     metrics = summary["metrics"]
-    for name in ("wer", "colour_and_shape", "exact", "accuracy", "cider_d"):
+    for name in ("wer", "direction_accuracy", "colour_and_shape_accuracy", "accuracy", "cider_d"):
         if name in metrics:
             return name, float(metrics[name])
     name = next(iter(metrics))
