@@ -21,9 +21,11 @@ is 65 tokens x 768 (image 112 px, patch 14, one tile), so its cross-attention ma
     trained: the cross-attention layers and the projector on Mllama, the adapter's blocks and projection on
     sensorium. The adapter's ``placeholder_embedding`` is frozen here: on Mllama it is a row of the frozen
     embedding. The script asserts equal trainable parameter counts and equal losses before timing.
-    Peak memory: each side runs in its own subprocess; after building the model and the batch, the
-    resident-memory high-water mark is reset (``/proc/self/clear_refs``), three steps run, and the peak above
-    that baseline is reported (activations, gradients, AdamW state, allocator slack; see ``harness.PeakRSS``).
+    Peak memory: each side runs in its own subprocess; after building the model and the batch and paging in
+    every weight (transformers maps safetensors files lazily, so untouched weights are not yet resident),
+    the resident-memory high-water mark is reset (``/proc/self/clear_refs``), three steps run, and the peak
+    above that baseline is reported (activations, gradients, AdamW state, allocator slack; see
+    ``harness.PeakRSS``).
 (b) Greedy generation: one prompt (the image, then text), N new tokens, EOS ignored (the exported config has
     no EOS in the vocabulary). Mllama runs ``generate`` with ``pixel_values`` (its one-layer vision tower runs
     once at prefill; its time is printed) and sensorium gets that tower's output as features, as
@@ -214,11 +216,16 @@ def step_fns(side: str, shape: str, folder: Path, args: argparse.Namespace):
 def memory_child(side: str, shape: str, folder: Path, args: argparse.Namespace) -> None:
     """Run in a subprocess: peak resident memory of three training steps above the built model + batch."""
     torch.set_num_threads(args.threads)
-    _, _, step = step_fns(side, shape, folder, args)
+    model, _, step = step_fns(side, shape, folder, args)
+    # transformers maps safetensors weights lazily: page every weight in first, so that the baseline holds the
+    # whole model on both sides and the peak counts training memory only
+    with torch.no_grad():
+        touched = sum(float(t.sum()) for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
+    assert touched == touched, "weights hold NaN"
     with PeakRSS() as m:
         for _ in range(3):
             step()
-    print(json.dumps({"side": side, "delta_mib": m.delta_mib, "method": m.method}))
+    print(json.dumps({"side": side, "delta_mib": m.delta_mib, "method": m.method, "model_mib": m.base_kib / 1024}))
 
 
 def peak_memory(side: str, shape: str, folder: Path, args: argparse.Namespace) -> dict:
@@ -246,17 +253,19 @@ def bench_training(shape: str, folder: Path, args: argparse.Namespace) -> list[s
     if args.profile:
         for name, fn in (("sensorium", ours_step), ("transformers", hf_step)):
             print(f"\n--- profile: {name} training step ---\n{top_ops(fn)}", flush=True)
-    del ours, hf
     precision = "bf16 autocast" if args.autocast else "fp32"
-    rows = [f"| {shape} | training step B={args.batch} T={args.seq} ({precision}) | {t_ours * 1e3:,.0f} ms | "
+    return [f"| {shape} | training step B={args.batch} T={args.seq} ({precision}) | {t_ours * 1e3:,.0f} ms | "
             f"{t_hf * 1e3:,.0f} ms | {t_hf / t_ours:.2f}x |"]
-    if not args.skip_memory:
-        mem = {side: peak_memory(side, shape, folder, args) for side in ("sensorium", "transformers")}
-        m_ours, m_hf = mem["sensorium"]["delta_mib"], mem["transformers"]["delta_mib"]
-        print(f"peak memory method: {mem['sensorium']['method']}")
-        rows.append(f"| {shape} | training peak memory above the built model ({precision}) | {m_ours:,.0f} MiB | "
-                    f"{m_hf:,.0f} MiB | {m_ours / m_hf:.2f}x of transformers' |")
-    return rows
+
+
+def bench_memory(shape: str, folder: Path, args: argparse.Namespace) -> list[str]:
+    mem = {side: peak_memory(side, shape, folder, args) for side in ("sensorium", "transformers")}
+    m_ours, m_hf = mem["sensorium"]["delta_mib"], mem["transformers"]["delta_mib"]
+    print(f"peak memory method: {mem['sensorium']['method']}; resident model: sensorium "
+          f"{mem['sensorium']['model_mib']:,.0f} MiB, transformers {mem['transformers']['model_mib']:,.0f} MiB")
+    precision = "bf16 autocast" if args.autocast else "fp32"
+    return [f"| {shape} | training peak memory above the built model ({precision}) | {m_ours:,.0f} MiB | "
+            f"{m_hf:,.0f} MiB | {m_ours / m_hf:.2f}x of transformers' |"]
 
 
 # ---------------------------------------------------------------------------------------- generation
@@ -319,7 +328,7 @@ def main() -> None:
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast for the training step (both sides)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler top ops of each side")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-training", action="store_true", help="skip the step timing")
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--memory-child", choices=["sensorium", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -337,7 +346,9 @@ def main() -> None:
         folder = export(Path(tmp), args.shape)
         if not args.skip_training:
             rows += bench_training(args.shape, folder, args)
-            print("\n".join(rows), flush=True)  # kept if a later part is interrupted
+        if not args.skip_memory:
+            rows += bench_memory(args.shape, folder, args)
+        print("\n".join(rows), flush=True)  # kept if the generation part is interrupted
         if not args.skip_generation:
             rows += bench_generation(args.shape, folder, args)
     print("\n| shape | measure | sensorium | transformers | ratio |\n|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 """Image-adapter training throughput as a fraction of the machine's matmul peak (model FLOPs utilisation).
 
 Run:  python bench/mfu.py [--batch 16] [--seq 40] [--labelled 12] [--repeats 5] [--bf16]     # CPU
-      python bench/mfu.py --gpu [--peak-tflops 989]                                        # GPU, ~2 minutes
+      python bench/mfu.py --gpu [--peak-tflops 989]                                        # GPU, a few minutes
       python bench/mfu.py --gpu --shape tiny                                              # the GPU path, on CPU
 
 CPU mode (default). Peak: the median FLOP/s of a 4096 x 4096 x 4096 fp32 matmul (``--bf16``: bf16) on
@@ -37,18 +37,19 @@ device's dense bf16 peak from a table of known devices (``--peak-tflops`` overri
 """
 
 import argparse
+import re
 import time
 from dataclasses import dataclass
 
 import torch
 from harness import interleaved, median, spread, top_ops
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; matched by substring.
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; matched as a whole word
+# of the device name, longest first.
 KNOWN_PEAKS_TFLOPS = {
-    "H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
-    "GH200": 989.0, "B200": 2250.0, "B100": 1750.0, "A100": 312.0, "A800": 312.0, "H800": 989.0, "H20": 148.0,
-    "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 6000 Ada": 364.0,
-    "V100": 125.0,  # fp16 (no bf16 on V100)
+    "H200": 989.0, "GH200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "H800": 989.0,
+    "H20": 148.0, "B200": 2250.0, "B100": 1750.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0,
+    "L4": 121.0, "A10": 125.0,
 }
 
 
@@ -195,7 +196,7 @@ def gpu_peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[flo
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key in sorted(KNOWN_PEAKS_TFLOPS, key=len, reverse=True):  # the most specific name first
-            if key.lower() in name.lower():
+            if re.search(rf"(?<![a-z0-9]){re.escape(key.lower())}(?![a-z0-9])", name.lower()):  # A10 is not A10G
                 return KNOWN_PEAKS_TFLOPS[key], f"table entry {key!r} for {name!r}"
         return None, f"{name!r} is not in the table (pass --peak-tflops)"
     return None, "no GPU"
