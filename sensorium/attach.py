@@ -62,9 +62,11 @@ from sensorium.adapters.artifact import AdapterHashWarning, AdapterMismatchError
 from sensorium.adapters.cross_attention import MediaInputs
 from sensorium.adapters.fusion import _add_layer_prefix, _strip_layer_prefix
 from sensorium.backbone.model import DecoderContext, Llama
-from sensorium.compose import MODALITIES, ComposedModel, MediaMismatchError, encode_entry
+from sensorium.compose import MODALITIES, embed_with_media, encode_entry, prepare_media
 from sensorium.encoders.base import Features
 from sensorium.errors import SensoriumError
+
+NO_ENCODER = "no {modality} encoder was given to attach"
 
 
 class AttachError(SensoriumError, ValueError):
@@ -293,7 +295,7 @@ class AttachedModel(nn.Module):
     # ------------------------------------------------------------------------------------------- media
     def encode(self, modality: str, entry: Mapping[str, Any]) -> Features:
         """Encoder tokens ``(I, N, D)`` and their mask (``"features"`` as given, or the encoder run on ``"inputs"``)."""
-        return encode_entry(self.encoders, modality, entry, missing="no {modality} encoder was given to attach")
+        return encode_entry(self.encoders, modality, entry, missing=NO_ENCODER)
 
     def prepare(self, input_ids: torch.Tensor, media: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
         """Encode and project ``media`` for ``input_ids`` ``(B, T)``: cross-attention inputs or splice embeddings.
@@ -302,66 +304,14 @@ class AttachedModel(nn.Module):
             MediaMismatchError: a modality has no adapter, or placeholder counts differ from item counts.
         """
         self._check_attached()
-        state: dict[str, Any] = {}
-        present = {m for m, i in self.placeholder_ids.items() if bool((input_ids == i).any())}
-        for modality in sorted(present - set(media or {})):
-            raise MediaMismatchError(f"the text holds <|{modality}|> placeholders but no {modality} media was given")
-        for modality, entry in (media or {}).items():
-            if modality not in self.adapters:
-                raise MediaMismatchError(f"{modality} media given but no {modality} adapter is attached")
-            adapter = self.adapters[modality]
-            counts = torch.as_tensor(entry["counts"], device=input_ids.device).long()  # (B,)
-            is_ph = input_ids == self.placeholder_ids[modality]  # (B, T)
-            if int(counts.sum()) == 0:
-                if bool(is_ph.any()):
-                    raise MediaMismatchError(f"<|{modality}|> placeholders in the text but no {modality} item given")
-                continue  # no item of this modality in the batch: its blocks are skipped
-            variable = getattr(adapter, "variable_length", False)
-            if not variable:  # fixed positions per item: check before encoding
-                per_item = torch.full_like(counts, adapter.tokens_per_item).repeat_interleave(counts)
-                ComposedModel._check_positions(modality, is_ph, counts, per_item)
-            feats = self.encode(modality, entry)  # (I, N, D) + mask
-            if variable:
-                emb, valid = adapter(feats.values, feats.mask)  # (I, N', dim), (I, N')
-                ComposedModel._check_positions(modality, is_ph, counts, valid.sum(-1))
-                state[modality] = emb[valid]  # (sum of positions, dim), items in order
-                continue
-            values = feats.values
-            if hasattr(adapter, "resample"):
-                values = adapter.resample(values)  # video: frames merged into latents (I, N', D')
-            if adapter.blocks:
-                state[modality] = ComposedModel._cross_attention_inputs(adapter, values, counts, is_ph)
-            else:
-                state[modality] = adapter(values).reshape(-1, self._embed[0].embedding_dim)  # (I*N, dim)
-        return state
+        return prepare_media(self.adapters, self.encoders, self.placeholder_ids, input_ids, media,
+                             dim=self._embed[0].embedding_dim, owner="attached", no_encoder=NO_ENCODER)
 
     def embed(self, input_ids: torch.Tensor, state: Mapping[str, Any]) -> torch.Tensor:
         """``inputs_embeds`` ``(B, T, dim)`` from the model's embedding table, placeholder positions filled in."""
         embed = self._embed[0]
-        vocab = embed.num_embeddings
-        is_ph = input_ids >= vocab
-        x = embed(input_ids.masked_fill(is_ph, 0))  # (B, T, dim)
-        if not bool(is_ph.any()):
-            return x
-        for modality, ph in self.placeholder_ids.items():
-            where = input_ids == ph
-            if not bool(where.any()):
-                continue
-            if modality not in self.adapters:
-                raise MediaMismatchError(f"<|{modality}|> in the text but no {modality} adapter is attached")
-            adapter = self.adapters[modality]
-            if adapter.blocks:
-                fill = adapter.placeholder_embedding.to(x.dtype).expand(int(where.sum()), -1)
-            elif modality in state:
-                fill = state[modality].to(x.dtype)
-            else:
-                raise MediaMismatchError(f"<|{modality}|> in the text but no prepared {modality} media")
-            x = x.masked_scatter(where[..., None], fill)
-        known = torch.tensor(list(self.placeholder_ids.values()), device=input_ids.device)
-        unknown = is_ph & ~torch.isin(input_ids, known)
-        if bool(unknown.any()):
-            raise ValueError(f"token id {int(input_ids[unknown][0])} is outside the vocabulary [0, {vocab})")
-        return x
+        return embed_with_media(embed, embed.num_embeddings, self.adapters, self.placeholder_ids, input_ids, state,
+                                owner="attached")
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(

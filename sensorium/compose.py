@@ -38,6 +38,9 @@ MODALITIES: tuple[str, ...] = tuple(MODALITY_OF_PLACEHOLDER[p] for p in PLACEHOL
 PART_TYPES = {"image": "image", "video": "video", "audio": "speech", "speech": "speech"}  # message part type → modality
 
 
+NO_ENCODER = "no {modality} encoder is composed"
+
+
 class MediaMismatchError(SensoriumError, ValueError):
     """The placeholders in the text do not match the media given (count, modality or adapter)."""
 
@@ -149,7 +152,7 @@ class ComposedModel(nn.Module):
     # ----------------------------------------------------------------------------------------- media
     def encode(self, modality: str, entry: Mapping[str, Any]) -> Features:
         """Encoder tokens ``(I, N, D)`` and their mask for one modality's items (runs the encoder unless cached)."""
-        return encode_entry(self.encoders, modality, entry, missing="no {modality} encoder is composed")
+        return encode_entry(self.encoders, modality, entry, missing=NO_ENCODER)
 
     def item_positions(self, modality: str, item: Any) -> int:
         """Placeholder positions one item fills: the adapter's fixed count, or for variable-length adapters
@@ -169,37 +172,8 @@ class ComposedModel(nn.Module):
         Raises:
             MediaMismatchError: a modality has no adapter, or placeholder counts differ from item counts.
         """
-        state: dict[str, Any] = {}
-        present = {m for m, i in self.placeholder_ids.items() if bool((tokens == i).any())}
-        for modality in present - set(media or {}):
-            raise MediaMismatchError(f"the text holds <|{modality}|> placeholders but no {modality} media was given")
-        for modality, entry in (media or {}).items():
-            if modality not in self.adapters:
-                raise MediaMismatchError(f"{modality} media given but no {modality} adapter is composed")
-            adapter = self.adapters[modality]
-            counts = torch.as_tensor(entry["counts"], device=tokens.device).long()  # (B,)
-            is_ph = tokens == self.placeholder_ids[modality]  # (B, T)
-            if int(counts.sum()) == 0:
-                if bool(is_ph.any()):
-                    raise MediaMismatchError(f"<|{modality}|> placeholders in the text but no {modality} item given")
-                continue  # no item of this modality in the batch: its blocks are skipped
-            if not getattr(adapter, "variable_length", False):  # fixed positions per item: check before encoding
-                self._check_positions(modality, is_ph, counts, torch.full_like(counts, adapter.tokens_per_item)
-                                      .repeat_interleave(counts))
-            feats = self.encode(modality, entry)  # (I, N, D) + mask
-            if getattr(adapter, "variable_length", False):
-                emb, valid = adapter(feats.values, feats.mask)  # (I, N', dim), (I, N')
-                self._check_positions(modality, is_ph, counts, valid.sum(-1))
-                state[modality] = emb[valid]  # (sum of positions, dim), items in order
-                continue
-            values = feats.values
-            if hasattr(adapter, "resample"):
-                values = adapter.resample(values)  # video: frames merged into latents (I, N', D')
-            if adapter.blocks:
-                state[modality] = self._cross_attention_inputs(adapter, values, counts, is_ph)
-            else:
-                state[modality] = adapter(values).reshape(-1, self.backbone.config.dim)  # (I*N, dim)
-        return state
+        return prepare_media(self.adapters, self.encoders, self.placeholder_ids, tokens, media,
+                             dim=self.backbone.config.dim, owner="composed", no_encoder=NO_ENCODER)
 
     @staticmethod
     def _check_positions(modality: str, is_ph: torch.Tensor, counts: torch.Tensor, per_item: torch.Tensor) -> None:
@@ -234,27 +208,8 @@ class ComposedModel(nn.Module):
 
     def embed(self, tokens: torch.Tensor, state: Mapping[str, Any]) -> torch.Tensor:
         """Input embeddings ``(B, T, dim)``: token embeddings with placeholder positions filled in."""
-        vocab = self.backbone.config.vocab_size
-        is_ph = tokens >= vocab
-        x = self.backbone.embed(tokens.masked_fill(is_ph, 0))  # (B, T, dim)
-        if not bool(is_ph.any()):
-            return x
-        for modality, ph in self.placeholder_ids.items():
-            where = tokens == ph
-            if not bool(where.any()):
-                continue
-            if modality not in self.adapters:
-                raise MediaMismatchError(f"<|{modality}|> in the text but no {modality} adapter is composed")
-            adapter = self.adapters[modality]
-            if adapter.blocks:
-                fill = adapter.placeholder_embedding.to(x.dtype).expand(int(where.sum()), -1)
-            else:
-                fill = state[modality].to(x.dtype)
-            x = x.masked_scatter(where[..., None], fill)
-        unknown = is_ph & ~torch.isin(tokens, torch.tensor(list(self.placeholder_ids.values()), device=tokens.device))
-        if bool(unknown.any()):
-            raise ValueError(f"token id {int(tokens[unknown][0])} is outside the vocabulary [0, {vocab})")
-        return x
+        return embed_with_media(self.backbone.embed, self.backbone.config.vocab_size, self.adapters,
+                                self.placeholder_ids, tokens, state, owner="composed")
 
     # --------------------------------------------------------------------------------------- forward
     def forward(
@@ -469,6 +424,79 @@ def media_dim(adapter: nn.Module) -> int | None:
     if perceiver is not None:
         return perceiver.media_dim
     return getattr(getattr(adapter, "config", None), "media_dim", None)
+
+
+def prepare_media(adapters: Mapping[str, nn.Module], encoders: Mapping[str, nn.Module], placeholder_ids: Mapping[str, int],
+                  tokens: torch.Tensor, media: Mapping[str, Mapping[str, Any]] | None, *, dim: int,
+                  owner: str, no_encoder: str = "no {modality} encoder") -> dict[str, Any]:
+    """Encode and project ``media`` for ``tokens`` ``(B, T)``: per modality, cross-attention inputs
+    (:class:`MediaInputs`) or splice embeddings ``(positions, dim)``. ``owner`` words the errors
+    ("no image adapter is composed" / "is attached"); ``no_encoder`` is the message for raw media without
+    an encoder.
+
+    Raises:
+        MediaMismatchError: a modality has no adapter, or placeholder counts differ from item counts.
+    """
+    state: dict[str, Any] = {}
+    present = {m for m, i in placeholder_ids.items() if bool((tokens == i).any())}
+    for modality in sorted(present - set(media or {})):
+        raise MediaMismatchError(f"the text holds <|{modality}|> placeholders but no {modality} media was given")
+    for modality, entry in (media or {}).items():
+        if modality not in adapters:
+            raise MediaMismatchError(f"{modality} media given but no {modality} adapter is {owner}")
+        adapter = adapters[modality]
+        counts = torch.as_tensor(entry["counts"], device=tokens.device).long()  # (B,)
+        is_ph = tokens == placeholder_ids[modality]  # (B, T)
+        if int(counts.sum()) == 0:
+            if bool(is_ph.any()):
+                raise MediaMismatchError(f"<|{modality}|> placeholders in the text but no {modality} item given")
+            continue  # no item of this modality in the batch: its blocks are skipped
+        variable = getattr(adapter, "variable_length", False)
+        if not variable:  # fixed positions per item: check before encoding
+            per_item = torch.full_like(counts, adapter.tokens_per_item).repeat_interleave(counts)
+            ComposedModel._check_positions(modality, is_ph, counts, per_item)
+        feats = encode_entry(encoders, modality, entry, missing=no_encoder)  # (I, N, D) + mask
+        if variable:
+            emb, valid = adapter(feats.values, feats.mask)  # (I, N', dim), (I, N')
+            ComposedModel._check_positions(modality, is_ph, counts, valid.sum(-1))
+            state[modality] = emb[valid]  # (sum of positions, dim), items in order
+            continue
+        values = feats.values
+        if hasattr(adapter, "resample"):
+            values = adapter.resample(values)  # video: frames merged into latents (I, N', D')
+        if adapter.blocks:
+            state[modality] = ComposedModel._cross_attention_inputs(adapter, values, counts, is_ph)
+        else:
+            state[modality] = adapter(values).reshape(-1, dim)  # (I*N, dim)
+    return state
+
+
+def embed_with_media(embed: nn.Module, vocab: int, adapters: Mapping[str, nn.Module], placeholder_ids: Mapping[str, int],
+                     tokens: torch.Tensor, state: Mapping[str, Any], *, owner: str) -> torch.Tensor:
+    """Token embeddings ``(B, T, dim)`` from ``embed``, with placeholder positions filled in: a cross-attention
+    adapter's placeholder embedding, or a splice adapter's prepared embeddings from ``state``."""
+    is_ph = tokens >= vocab
+    x = embed(tokens.masked_fill(is_ph, 0))  # (B, T, dim)
+    if not bool(is_ph.any()):
+        return x
+    for modality, ph in placeholder_ids.items():
+        where = tokens == ph
+        if not bool(where.any()):
+            continue
+        if modality not in adapters:
+            raise MediaMismatchError(f"<|{modality}|> in the text but no {modality} adapter is {owner}")
+        adapter = adapters[modality]
+        if adapter.blocks:
+            fill = adapter.placeholder_embedding.to(x.dtype).expand(int(where.sum()), -1)
+        elif modality in state:
+            fill = state[modality].to(x.dtype)
+        else:
+            raise MediaMismatchError(f"<|{modality}|> in the text but no prepared {modality} media")
+        x = x.masked_scatter(where[..., None], fill)
+    unknown = is_ph & ~torch.isin(tokens, torch.tensor(list(placeholder_ids.values()), device=tokens.device))
+    if bool(unknown.any()):
+        raise ValueError(f"token id {int(tokens[unknown][0])} is outside the vocabulary [0, {vocab})")
+    return x
 
 
 def encode_entry(encoders: Mapping[str, nn.Module], modality: str, entry: Mapping[str, Any], *,
