@@ -294,19 +294,4 @@ class ShardStream(IterableDataset):
                 yield self.decode(sample)
 
 
-def sample_pipeline(
-    urls: str | Path | Sequence[str | Path],
-    decode: Callable[[dict[str, Any]], dict[str, Any]],
-    *,
-    shuffle: int = 0,
-    seed: int = 0,
-    resampled: bool = False,
-    epoch_samples: int | None = None,
-    batch_size: int = 1,
-    rank: int | None = None,
-    world_size: int | None = None,
-    split: str = "shards",
-) -> ShardStream:
-    """An ``IterableDataset`` of decoded samples (a :class:`ShardStream`; see it for the arguments)."""
-    return ShardStream(urls, decode, shuffle=shuffle, seed=seed, resampled=resampled, epoch_samples=epoch_samples,
-                       batch_size=batch_size, rank=rank, world_size=world_size, split=split)
+sample_pipeline = ShardStream  # the pipeline entry point: an ``IterableDataset`` of decoded samples
