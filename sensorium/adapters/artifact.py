@@ -88,6 +88,17 @@ def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path, *, metad
             os.unlink(tmp)
 
 
+def replace_folder(new: Path, folder: Path) -> None:
+    """Put the finished folder ``new`` (a sibling of ``folder``) in place of ``folder`` by renames."""
+    old = None
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.replace(folder, old)
+    os.replace(new, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's parameters that require gradients, by name."""
     return {k: p.detach() for k, p in module.named_parameters() if p.requires_grad}
@@ -138,13 +149,7 @@ def save_adapter(
             spec["weights"] = ENCODER_FILE
             manifest["encoder"] = spec
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -70,7 +70,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensorium.adapters.artifact import atomic_save_safetensors, save_adapter
+from sensorium.adapters.artifact import atomic_save_safetensors, replace_folder, save_adapter
 from sensorium.adapters.cross_attention import CrossAttentionAdapter, CrossAttentionConfig
 from sensorium.backbone.config import LlamaConfig
 from sensorium.backbone.model import Llama
@@ -627,13 +627,7 @@ def _write_folder(folder: Path, config: dict[str, Any], tensors: Iterable[tuple[
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         for f in copies:
             shutil.copy2(f, tmp / f.name)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
