@@ -215,3 +215,35 @@ def test_scanner_flags_each_rule(src: str, problem: str):
 )
 def test_scanner_passes_safe_code(src: str):
     assert scan_source(src, "x.py") == []
+
+
+# ------------------------------------------------------------------------ training checkpoints (resume)
+class _RunsCode:
+    def __reduce__(self):
+        return (Path.touch, (Path(_RunsCode.marker),))
+
+
+def test_resuming_from_a_hostile_checkpoint_runs_no_code_even_when_the_caller_asks_to_unpickle(tmp_path):
+    import torch
+
+    from sensorium.training.callbacks import AtomicCheckpointIO
+
+    _RunsCode.marker = str(tmp_path / "ran")
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode()}, ckpt)
+    with pytest.raises(Exception, match="Unsupported global"):
+        AtomicCheckpointIO().load_checkpoint(ckpt, weights_only=False)
+    assert not (tmp_path / "ran").exists()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, ckpt)
+    assert AtomicCheckpointIO().load_checkpoint(ckpt)["global_step"] == 3
+
+
+def test_the_fsdp_strategy_reads_checkpoints_weights_only(monkeypatch):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from sensorium.training.callbacks import AdapterFSDPStrategy
+
+    asked = {}
+    monkeypatch.setattr(FSDPStrategy, "load_checkpoint", lambda self, path, weights_only=None: asked.update(w=weights_only))
+    AdapterFSDPStrategy().load_checkpoint("ckpt", weights_only=False)
+    assert asked == {"w": True}

@@ -10,11 +10,14 @@ the same shape whose embedding weights differ (a fine-tuned twin) gives a warnin
 ``strict=True``.
 """
 
+import ctypes
 import datetime
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -88,8 +91,39 @@ def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path, *, metad
             os.unlink(tmp)
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the platform or the file system cannot, so the caller falls back to renames.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without the wrapper (glibc < 2.28, musl)
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def replace_folder(new: Path, folder: Path) -> None:
-    """Put the finished folder ``new`` (a sibling of ``folder``) in place of ``folder`` by renames."""
+    """Put the finished folder ``new`` (a sibling of ``folder``) in place of ``folder``.
+
+    On Linux the two are exchanged in one atomic step, so a reader (or a process killed mid-save) always
+    finds a complete folder at ``folder``. Elsewhere it takes two renames, and a process killed between
+    them leaves the previous folder at ``.NAME.old-PID`` beside it.
+    """
+    if folder.exists() and exchange_paths(new, folder):
+        shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the previous folder
+        return
     old = None
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -171,7 +205,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise AdapterError(f"{folder}: no {MANIFEST_FILE} (not an adapter folder)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also integers past Python's digit limit
         raise AdapterError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise AdapterError(f"{path}: not a {FORMAT} manifest")

@@ -111,6 +111,8 @@ def _build(
             raise CheckpointError(
                 f"{source}: weight {key} has shape {tuple(state[key].shape)}, the config implies {tuple(shape)}"
             )
+        if not state[key].is_floating_point():
+            raise CheckpointError(f"{source}: weight {key} has dtype {state[key].dtype}, expected a floating dtype")
     state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -131,7 +133,7 @@ def _has_magic(p: Path, magic: bytes) -> bool:
 def _read_json(p: Path) -> dict:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: malformed, or huge integers
         raise CheckpointError(f"{p}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{p}: expected a JSON object, found {type(data).__name__}")
@@ -173,12 +175,20 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read safetensors ({e})") from e
 
 
+def _torch_reason(e: Exception) -> str:
+    """One line from torch's load error: the unpickler's reason when present (its message runs to many lines)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+    return reason.replace("\x1b[1m", "").replace("\x1b[0m", "")
+
+
 def torch_load_weights(path: Path) -> dict[str, torch.Tensor]:
     """A dictionary of tensors from a torch file, loaded with ``weights_only=True`` (no code runs)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for truncated or hostile files
-        raise CheckpointError(f"{path}: cannot read torch weights safely ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: cannot read torch weights safely ({type(e).__name__}: {_torch_reason(e)}); "
+                              "only tensors are loaded from .pth/.pt files: convert it to safetensors") from e
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dictionary of tensors")
     return obj

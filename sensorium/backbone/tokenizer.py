@@ -250,7 +250,7 @@ def _from_tokenizer_json(path: Path, chat_format: str | None) -> Tokenizer:
     if cfg_path.is_file():
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError: malformed, or huge integers
             raise TokenizerError(f"{cfg_path}: not valid JSON ({e})") from e
 
     def token_id(value: Any) -> int | None:

@@ -54,7 +54,7 @@ def read_info(folder: str | Path) -> dict[str, Any] | None:
     """The ``info.json`` of a feature folder, or None when ``folder`` holds no feature set."""
     try:
         info = json.loads((Path(folder) / "info.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return None
     return info if isinstance(info, dict) and info.get("kind") == FEATURES_KIND else None
 

@@ -430,7 +430,7 @@ def is_current(out: str | Path, name: str) -> bool:
         return False
     try:
         meta = json.loads(info.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return False
     return meta.get("name") == name and meta.get("version") == VERSION
 

@@ -61,6 +61,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     sits beside the checkpoint; those of dead processes on this host are removed at the next save.
     Remote paths (``s3://...``) keep Lightning's writer.
 
+    Checkpoints are read back with ``weights_only=True``: resuming never unpickles code.
+
     Use it in a recipe with ``trainer.plugins: [{class_path: sensorium.training.callbacks.AtomicCheckpointIO}]``.
     """
 
@@ -84,6 +86,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.unlink(tmp)
             raise
         _fsync_dir(path.parent)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Read a checkpoint with ``weights_only=True`` whatever the caller or the torch version's default
+        asks (before torch 2.6 the default unpickled anything)."""
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 def remove_stale_partials(folder: Path) -> None:
@@ -184,3 +191,7 @@ class AdapterFSDPStrategy(FSDPStrategy):
                          mixed_precision=precision, sharding_strategy=sharding_strategy,
                          state_dict_type=state_dict_type, use_orig_params=use_orig_params,
                          limit_all_gathers=limit_all_gathers, **kwargs)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Read a checkpoint (file or sharded folder) with ``weights_only=True``: resuming never unpickles."""
+        return super().load_checkpoint(checkpoint_path, weights_only=True)
