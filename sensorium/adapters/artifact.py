@@ -73,6 +73,19 @@ def check_backbone(fingerprint: dict[str, Any], backbone: Llama, *, strict: bool
 
 
 # ------------------------------------------------------------------------------------------ writing
+def umask() -> int:
+    """The process's file-creation mask (files made by ``mkstemp``/``mkdtemp`` are private; ours get the usual mode)."""
+    try:  # Linux shows it without changing it (os.umask would, for a moment, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file through a temporary file and a rename, so a killed save leaves the old one."""
     from safetensors.torch import save_file
@@ -85,6 +98,7 @@ def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path, *, metad
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -112,6 +126,15 @@ def exchange_paths(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def sibling_folder(folder: Path) -> Path:
+    """A new empty folder beside ``folder`` (same file system, so it can be renamed into its place), with
+    the usual permissions (``mkdtemp`` makes it private)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
 
 
 def replace_folder(new: Path, folder: Path) -> None:
@@ -160,8 +183,7 @@ def save_adapter(
     from sensorium import __version__
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    tmp = sibling_folder(folder)
     try:
         state = {k: v.detach() for k, v in adapter.state_dict().items()}
         atomic_save_safetensors(state, tmp / ADAPTER_FILE, metadata={"format": FORMAT})

@@ -59,7 +59,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -70,7 +69,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensorium.adapters.artifact import atomic_save_safetensors, replace_folder, save_adapter
+from sensorium.adapters.artifact import atomic_save_safetensors, replace_folder, save_adapter, sibling_folder
 from sensorium.adapters.cross_attention import CrossAttentionAdapter, CrossAttentionConfig
 from sensorium.backbone.config import LlamaConfig
 from sensorium.backbone.model import Llama
@@ -592,8 +591,7 @@ def _write_folder(folder: Path, config: dict[str, Any], tensors: Iterable[tuple[
     The folder is built beside its destination and renamed into place, so a killed conversion leaves no
     half-written checkpoint; one shard at a time is held in memory.
     """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    tmp = sibling_folder(folder)
     try:
         shards: list[list[str]] = []
         shard: dict[str, torch.Tensor] = {}

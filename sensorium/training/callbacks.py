@@ -14,6 +14,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy
 
+from sensorium.adapters.artifact import umask
+
 
 class AdapterExport(L.Callback):
     """Write the adapter folder at every checkpoint and when training ends.
@@ -79,7 +81,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint gets the usual mode
+            os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; a checkpoint gets the usual mode
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -101,18 +103,6 @@ def remove_stale_partials(folder: Path) -> None:
         if pid.isdigit() and not _alive(int(pid)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-
-
-def _umask() -> int:
-    try:  # Linux shows it without changing it (os.umask would, for a moment, for every thread)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _alive(pid: int) -> bool:

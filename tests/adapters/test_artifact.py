@@ -102,3 +102,17 @@ def test_interrupted_save_keeps_previous_folder(tmp_path, parts, monkeypatch):
     assert (folder / "adapter.safetensors").read_bytes() == before
     assert load_adapter(folder) is not None
     assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary leftovers
+
+
+def test_an_adapter_folder_gets_the_usual_permissions_not_private_temp_ones(tmp_path, parts):
+    import os
+
+    bb, enc, xattn, _ = parts
+    old = os.umask(0o022)
+    try:
+        folder = save_adapter(xattn, tmp_path / "a", backbone=bb, encoder=enc)
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+        "adapter.safetensors": 0o644, "encoder.safetensors": 0o644, "manifest.json": 0o644}
