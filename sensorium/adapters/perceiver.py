@@ -3,7 +3,9 @@
 Every ``group`` consecutive frames (32 at paper scale) are merged into one set of ``num_latents`` latent
 tokens: learned latents cross-attend to the frame tokens of their group (plus themselves), with a learned
 embedding per frame position added to the tokens, so the latents know which frame saw what — which is
-what direction of motion needs.
+what direction of motion needs. With ``tokens_per_frame``, a learned embedding per token position within a
+frame is added too: features of a convolutional encoder say what is in a cell but not where the cell is,
+and motion is a change of cell.
 """
 
 from dataclasses import dataclass
@@ -25,6 +27,10 @@ class PerceiverConfig:
         group: consecutive frames merged into one latent set (clipped to ``num_frames``).
         depth: cross-attention + MLP layers.
         n_heads: attention heads.
+        tokens_per_frame: encoder tokens per frame, each given a learned position embedding (0: none, for
+            encoders whose tokens carry their position already).
+        motion_tokens: add one motion token per frame (normalised change of the frame's mean-pooled
+            features since the previous frame) to the tokens the latents read.
     """
 
     media_dim: int
@@ -34,6 +40,8 @@ class PerceiverConfig:
     group: int = 32
     depth: int = 2
     n_heads: int = 8
+    tokens_per_frame: int = 0
+    motion_tokens: bool = False
 
     def __post_init__(self) -> None:
         self.group = min(self.group, self.num_frames)
@@ -83,6 +91,11 @@ class PerceiverResampler(nn.Module):
         # Tokens are normalised first, so per-frame embeddings of unit scale mark time as strongly as content.
         self.input_norm = nn.LayerNorm(config.media_dim)
         self.frame_embedding = nn.Parameter(torch.randn(config.group, config.media_dim))
+        self.token_embedding = (nn.Parameter(torch.randn(config.tokens_per_frame, config.media_dim))
+                                if config.tokens_per_frame else None)
+        if config.motion_tokens:
+            self.motion_norm = nn.LayerNorm(config.media_dim)
+            self.motion_embedding = nn.Parameter(torch.randn(config.media_dim))  # marks a token as motion
         self.in_proj = nn.Linear(config.media_dim, config.dim)
         self.latents = nn.Parameter(torch.randn(config.num_latents, config.dim) * 0.02)
         self.layers = nn.ModuleList(PerceiverLayer(config.dim, config.n_heads) for _ in range(config.depth))
@@ -94,12 +107,26 @@ class PerceiverResampler(nn.Module):
         """Output tokens per clip."""
         return self.config.groups * self.config.num_latents
 
+    def motion(self, frames: torch.Tensor) -> torch.Tensor:
+        """``(I, F, N, D)`` frame tokens → ``(I, F, D)``: the normalised change of each frame's mean-pooled
+        features since the previous frame (the first frame's change is zero)."""
+        pooled = frames.mean(2)
+        change = torch.cat([torch.zeros_like(pooled[:, :1]), pooled[:, 1:] - pooled[:, :-1]], dim=1)
+        return self.motion_norm(change)
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         I, Fr, N, D = frames.shape
         G = self.config.group
         assert Fr == self.config.num_frames, f"expected {self.config.num_frames} frames per clip, got {Fr}"
         x = self.input_norm(frames).view(I, Fr // G, G, N, D) + self.frame_embedding[None, None, :, None, :]  # (I, F/G, G, N, D)
-        x = self.in_proj(x.reshape(I * (Fr // G), G * N, D))  # (I*F/G, G*N, dim)
+        if self.token_embedding is not None:
+            assert N == self.config.tokens_per_frame, f"expected {self.config.tokens_per_frame} tokens per frame, got {N}"
+            x = x + self.token_embedding
+        x = x.reshape(I, Fr // G, G * N, D)
+        if self.config.motion_tokens:
+            motion = self.motion(frames).view(I, Fr // G, G, D) + self.frame_embedding + self.motion_embedding
+            x = torch.cat([x, motion], dim=2)  # (I, F/G, G*N + G, D)
+        x = self.in_proj(x.reshape(I * (Fr // G), x.shape[2], D))  # (I*F/G, tokens, dim)
         latents = self.latents.expand(x.shape[0], -1, -1)  # (I*F/G, L, dim)
         for layer in self.layers:
             latents = layer(x, latents)

@@ -332,6 +332,10 @@ class VideoAdapterModule(AdapterModule):
         group: consecutive frames the perceiver merges into one latent set (32 at paper scale).
         num_latents: perceiver latents per group.
         perceiver_depth: perceiver layers.
+        token_positions: give each encoder token position within a frame a learned embedding in the
+            perceiver (convolutional features do not say where they are).
+        motion_tokens: give the perceiver one token per frame made from the change of the frame's pooled
+            features since the previous frame (see :mod:`sensorium.adapters.perceiver`).
         every: blocks in front of every ``every``-th decoder layer (when no image adapter is given).
         image_adapter: a trained image adapter folder: video blocks then sit in front of every 4th of its
             blocks (the paper's placement).
@@ -361,6 +365,8 @@ class VideoAdapterModule(AdapterModule):
         group: int = 32,
         num_latents: int = 16,
         perceiver_depth: int = 2,
+        token_positions: bool = True,
+        motion_tokens: bool = True,
         every: int = 4,
         image_adapter: str | None = None,
         init_from_image: bool = False,
@@ -384,7 +390,9 @@ class VideoAdapterModule(AdapterModule):
             layers = image.layers[::4] if image is not None else placement(bb.config.n_layers, every)
             width = min(bb.config.dim, 512)
             perceiver = PerceiverConfig(media_dim=enc.out_dim, dim=width, num_latents=num_latents,
-                                        num_frames=num_frames, group=group, depth=perceiver_depth)
+                                        num_frames=num_frames, group=group, depth=perceiver_depth,
+                                        tokens_per_frame=enc.tokens_per_frame if token_positions else 0,
+                                        motion_tokens=motion_tokens)
             cfg = CrossAttentionConfig.for_backbone(bb.config, width, layers=layers)
             module = VideoCrossAttentionAdapter(cfg, perceiver, modality="video")
             if init_from_image:

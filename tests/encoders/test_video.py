@@ -89,6 +89,41 @@ def test_perceiver_merges_groups_and_knows_frame_order():
     assert PerceiverConfig(media_dim=4, dim=8, num_frames=8, group=32, n_heads=2).group == 8
 
 
+def test_token_positions_tell_the_perceiver_where_each_token_of_a_frame_is():
+    x = torch.randn(2, 8, 5, 12)
+    shuffled = x[:, :, [3, 0, 4, 1, 2]]  # the same cells, listed in another order in every frame
+    bag = randomise(PerceiverResampler(PerceiverConfig(media_dim=12, dim=16, num_latents=3, num_frames=8, group=4,
+                                                       depth=1, n_heads=4)))
+    torch.testing.assert_close(bag(shuffled), bag(x))  # without them, a frame is a bag of tokens
+    placed = randomise(PerceiverResampler(PerceiverConfig(media_dim=12, dim=16, num_latents=3, num_frames=8, group=4,
+                                                          depth=1, n_heads=4, tokens_per_frame=5)))
+    assert (placed(shuffled) - placed(x)).abs().max() > 1e-3
+    with pytest.raises(AssertionError, match="expected 5 tokens per frame"):
+        placed(torch.randn(1, 8, 6, 12))
+
+
+def test_motion_tokens_carry_the_change_between_frames_and_not_what_stays():
+    cfg = PerceiverConfig(media_dim=12, dim=16, num_latents=3, num_frames=4, group=4, depth=1, n_heads=4,
+                          motion_tokens=True)
+    p = PerceiverResampler(cfg)
+    x = torch.randn(2, 4, 5, 12)
+    m = p.motion(x)
+    assert m.shape == (2, 4, 12) and m[:, 0].abs().max() == 0  # nothing changed before the first frame
+    torch.testing.assert_close(p.motion(x + torch.randn(5, 12)), m)  # what every frame shares cancels
+    reverse = p.motion(x[:, [1, 0]].repeat(1, 2, 1, 1))
+    torch.testing.assert_close(reverse[:, 1], -p.motion(x[:, :2].repeat(1, 2, 1, 1))[:, 1])  # direction flips
+    # with no frame embedding, a group is a bag of its frames' tokens: only motion tokens see the order
+    without = PerceiverResampler(PerceiverConfig(**{**cfg.__dict__, "motion_tokens": False}))
+    randomise(p)
+    without.load_state_dict({k: v for k, v in p.state_dict().items() if not k.startswith("motion")})
+    with torch.no_grad():
+        p.frame_embedding.zero_()
+        without.frame_embedding.zero_()
+    backwards = x.flip(1)
+    torch.testing.assert_close(without(backwards), without(x))
+    assert (p(backwards) - p(x)).abs().max() > 1e-3
+
+
 def _video_adapter(bb, enc_dim=768, layers=(0, 2)):
     cfg = CrossAttentionConfig.for_backbone(bb.config, 32, layers=list(layers))
     return VideoCrossAttentionAdapter(cfg, PerceiverConfig(media_dim=enc_dim, dim=32, num_latents=4, num_frames=4,
