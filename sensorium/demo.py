@@ -39,18 +39,18 @@ def _caps(minutes: float) -> list[str]:
     return ["--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}"]
 
 
-_QUICK_ADAPTER = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "30", "--trainer.limit_val_batches", "1"]
+_QUICK_ADAPTER = ["--trainer.max_steps", "20", "--trainer.val_check_interval", "20", "--trainer.limit_val_batches", "1"]
+_QUICK_ENCODER = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "30", "--data.num_train", "512"]
 
 STAGES = [
     Stage("image encoder", "image/shapes_encoder.yaml", "runs/image/encoder/encoder.safetensors",
-          quick=["--trainer.max_steps", "40", "--trainer.val_check_interval", "40", "--data.num_train", "512"]),
+          quick=_QUICK_ENCODER),
     Stage("image adapter", "image/shapes.yaml", "runs/image/adapter/manifest.json", full=_caps(5.5),
           quick=[*_QUICK_ADAPTER, "--data.num_train", "512"]),
     Stage("video adapter", "video/moving_shapes.yaml", "runs/video/adapter/manifest.json", full=_caps(5.5),
           quick=[*_QUICK_ADAPTER, "--data.num_train", "128"]),
     Stage("speech encoder", "speech/spoken_words_encoder.yaml", "runs/speech/encoder/encoder.safetensors",
-          full=_caps(4), quick=["--trainer.max_steps", "40", "--trainer.val_check_interval", "40",
-                                "--data.num_train", "512"]),
+          full=_caps(4), quick=_QUICK_ENCODER),
     Stage("speech adapter", "speech/spoken_words.yaml", "runs/speech/adapter/manifest.json", full=_caps(5),
           quick=[*_QUICK_ADAPTER, "--data.num_train", "512"]),
 ]
