@@ -153,6 +153,19 @@ def batch(shape: str, vocab: int, B: int, T: int, media_dim: int, seed: int = 0)
     return {"text": text, "labels": labels, "features": feats}
 
 
+def optimizer_step(loss, opt: torch.optim.Optimizer):
+    """One training step of ``loss``: zero the gradients, backward, ``opt.step()``; returns the loss value."""
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        value = loss()
+        value.backward()
+        opt.step()
+        return value.item()
+
+    return step
+
+
 def sensorium_step_fn(model, data: dict[str, torch.Tensor], *, autocast: bool):
     tokens = data["text"].clone()
     tokens[:, 0] = model.placeholder_ids["image"]
@@ -164,14 +177,7 @@ def sensorium_step_fn(model, data: dict[str, torch.Tensor], *, autocast: bool):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return model(tokens, media=media, labels=data["labels"])
 
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        value = loss()
-        value.backward()
-        opt.step()
-        return value.item()
-
-    return loss, step
+    return loss, optimizer_step(loss, opt)
 
 
 def mllama_step_fn(model, data: dict[str, torch.Tensor], *, autocast: bool):
@@ -188,14 +194,7 @@ def mllama_step_fn(model, data: dict[str, torch.Tensor], *, autocast: bool):
             return model(input_ids=ids, cross_attention_states=states, cross_attention_mask=xmask,
                          labels=data["labels"], use_cache=False).loss
 
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        value = loss()
-        value.backward()
-        opt.step()
-        return value.item()
-
-    return loss, step
+    return loss, optimizer_step(loss, opt)
 
 
 def step_fns(side: str, shape: str, folder: Path, args: argparse.Namespace):
