@@ -25,6 +25,10 @@ from tests.training.test_image_training import RECIPES, _add_bad_samples, tiny_b
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS, EVERY = 12, 3  # 43 training samples (3 unreadable) in batches of 8: 6 steps per epoch, 2 epochs
+# A resumed run ends with the uninterrupted run's adapter to within RESUME_TOLERANCE (largest absolute weight
+# difference). Usually the two are bit-identical; float32 rounding in the CPU math libraries has been seen to
+# differ by a few ulps (3.4e-7) between processes. Resuming with the wrong data position differs by ~2e-3.
+RESUME_TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +108,7 @@ def checkpoint_for(src: Path, root: Path, run: str) -> Path:
 
 # ------------------------------------------------------------------------------------ killed training
 def test_training_killed_after_a_checkpoint_resumes_to_the_same_adapter(setup, uninterrupted):
-    """SIGKILL mid-epoch once a checkpoint exists, resume from last.ckpt: the final adapter is bit-identical."""
+    """SIGKILL mid-epoch once a checkpoint exists, resume from last.ckpt: the final adapter is the same."""
     root, backbone, data = setup
     ckpts = root / "killed" / "checkpoints"
     p = sensorium(fit_args(root, backbone, data, "killed"), root)
@@ -123,7 +127,7 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_same_adapter(setup, u
 
     out = run(fit_args(root, backbone, data, "killed", "--ckpt_path", str(ckpts / "last.ckpt")), root)
     assert "adapter written to" in out
-    assert max_diff(adapter(uninterrupted / "adapter"), adapter(root / "killed" / "adapter")) == 0.0
+    assert max_diff(adapter(uninterrupted / "adapter"), adapter(root / "killed" / "adapter")) <= RESUME_TOLERANCE
     assert not list(ckpts.glob(".partial-*")), "temporary files of the killed save were not cleaned up"
 
 
@@ -136,7 +140,7 @@ def test_resuming_at_an_epoch_end_in_a_later_epoch_or_with_workers_gives_the_sam
     name = f"from-{ckpt[:-5]}-{workers}"
     src = checkpoint_for(uninterrupted / "checkpoints" / ckpt, root, name)
     run(fit_args(root, backbone, data, name, "--ckpt_path", str(src), "--data.num_workers", str(workers)), root)
-    assert max_diff(adapter(uninterrupted / "adapter"), adapter(root / name / "adapter")) == 0.0
+    assert max_diff(adapter(uninterrupted / "adapter"), adapter(root / name / "adapter")) <= RESUME_TOLERANCE
 
 
 def test_without_the_loader_state_a_resumed_run_differs(setup, uninterrupted):
@@ -149,7 +153,7 @@ def test_without_the_loader_state_a_resumed_run_differs(setup, uninterrupted):
     del ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     torch.save(ckpt, src)
     run(fit_args(root, backbone, data, "no-state", "--ckpt_path", str(src)), root)
-    assert max_diff(adapter(uninterrupted / "adapter"), adapter(root / "no-state" / "adapter")) > 1e-4
+    assert max_diff(adapter(uninterrupted / "adapter"), adapter(root / "no-state" / "adapter")) > 50 * RESUME_TOLERANCE
 
 
 # -------------------------------------------------------------------------------- the training stream
