@@ -183,12 +183,12 @@ def test_ddp_on_two_cpu_processes_with_three_shards(ddp_run):
 
 @pytest.mark.slow  # two training processes on the CPU: 25-50 s with the shared run
 def test_ddp_resumes_to_the_same_adapter(ddp_run):
-    from tests.training.test_resume import adapter, checkpoint_for, max_diff
+    from tests.training.test_resume import RESUME_TOLERANCE, adapter, checkpoint_for, max_diff
 
     root, backbone, data = ddp_run
     ckpt = checkpoint_for(root / "straight" / "checkpoints" / "epoch=0-step=4.ckpt", root, "resumed")
     ddp_fit(root, backbone, data, "resumed", "--ckpt_path", str(ckpt))
-    assert max_diff(adapter(root / "straight" / "adapter"), adapter(root / "resumed" / "adapter")) == 0.0
+    assert max_diff(adapter(root / "straight" / "adapter"), adapter(root / "resumed" / "adapter")) <= RESUME_TOLERANCE
 
 
 # ------------------------------------------------------------------------------------------- FSDP
