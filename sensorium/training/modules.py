@@ -336,6 +336,12 @@ class VideoAdapterModule(AdapterModule):
             perceiver (convolutional features do not say where they are).
         motion_tokens: give the perceiver one token per frame made from the change of the frame's pooled
             features since the previous frame (see :mod:`sensorium.adapters.perceiver`).
+        positions_in_keys_only: add the perceiver's frame, token-position and motion-type embeddings to its
+            attention keys only: the values the latents read stay pure content.
+        position_value_heads: with ``positions_in_keys_only``, this many of the perceiver's heads take the
+            embeddings into their values too (they read where and when; the others content alone).
+        position_scale: initial scale of the perceiver's frame, token-position and motion-type embeddings
+            (1: unit scale, like the normalised tokens).
         every: blocks in front of every ``every``-th decoder layer (when no image adapter is given).
         image_adapter: a trained image adapter folder: video blocks then sit in front of every 4th of its
             blocks (the paper's placement).
@@ -367,6 +373,9 @@ class VideoAdapterModule(AdapterModule):
         perceiver_depth: int = 2,
         token_positions: bool = True,
         motion_tokens: bool = True,
+        positions_in_keys_only: bool = False,
+        position_value_heads: int = 0,
+        position_scale: float = 1.0,
         every: int = 4,
         image_adapter: str | None = None,
         init_from_image: bool = False,
@@ -392,9 +401,11 @@ class VideoAdapterModule(AdapterModule):
             perceiver = PerceiverConfig(media_dim=enc.out_dim, dim=width, num_latents=num_latents,
                                         num_frames=num_frames, group=group, depth=perceiver_depth,
                                         tokens_per_frame=enc.tokens_per_frame if token_positions else 0,
-                                        motion_tokens=motion_tokens)
+                                        motion_tokens=motion_tokens, positions_in_keys_only=positions_in_keys_only,
+                                        position_value_heads=position_value_heads)
             cfg = CrossAttentionConfig.for_backbone(bb.config, width, layers=layers)
             module = VideoCrossAttentionAdapter(cfg, perceiver, modality="video")
+            module.perceiver.scale_position_embeddings_(position_scale)
             if init_from_image:
                 if image is None:
                     raise SensoriumError("init_from_image needs image_adapter")

@@ -169,3 +169,31 @@ def test_video_sample_decoder_marks_bad_clips(clip):
     for payload, reason in ((b"", "zero bytes"), (b"garbage" * 20, "not a readable video")):
         bad = decode({"__key__": "b", "__url__": "s.tar", "mp4": payload, "json": b'{"text": "x"}'})
         assert reason in bad["__bad__"] and "s.tar:b.mp4" in bad["__bad__"]
+
+
+def test_positions_in_keys_only_steer_the_attention_but_reach_only_the_chosen_heads_values(monkeypatch):
+    cfg = dict(media_dim=12, dim=16, num_latents=3, num_frames=8, group=4, depth=2, n_heads=4, tokens_per_frame=5,
+               motion_tokens=True)
+    keyed = randomise(PerceiverResampler(PerceiverConfig(**cfg, positions_in_keys_only=True)))
+    mixed = PerceiverResampler(PerceiverConfig(**cfg))
+    mixed.load_state_dict(keyed.state_dict())  # the same weights; only where the embeddings go differs
+    values = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: values.append(v) or sdpa(q, k, v, **kw))
+    split = PerceiverResampler(PerceiverConfig(**cfg, positions_in_keys_only=True, position_value_heads=1))
+    split.load_state_dict(keyed.state_dict())
+    same = torch.randn(12).expand(2, 8, 5, 12)  # every cell of every frame looks the same
+    for model, heads_with_positions in ((keyed, []), (mixed, [0, 1, 2, 3]), (split, [3])):
+        values.clear()
+        model(same)
+        assert len(values) == 2
+        for v in values:  # (I*groups, heads, 4 frames * 5 cells + 4 motion tokens + 3 latents, head dim)
+            cells, motion = v[:, :, :20], v[:, :, 20:24]
+            spread = torch.maximum((cells - cells[:, :, :1]).abs().amax((0, 2, 3)),
+                                   (motion - motion[:, :, :1]).abs().amax((0, 2, 3)))  # per head
+            assert (spread > 1e-3).nonzero().flatten().tolist() == heads_with_positions
+    values.clear()
+    x = torch.randn(2, 8, 5, 12)
+    assert (keyed(x[:, :, [3, 0, 4, 1, 2]]) - keyed(x)).abs().max() > 1e-4  # still knows where each cell is
+    assert (keyed(x[:, [1, 0, 2, 3, 4, 5, 6, 7]]) - keyed(x)).abs().max() > 1e-4  # and which frame came first
