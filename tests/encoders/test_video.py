@@ -193,7 +193,6 @@ def test_positions_in_keys_only_steer_the_attention_but_reach_only_the_chosen_he
             spread = torch.maximum((cells - cells[:, :, :1]).abs().amax((0, 2, 3)),
                                    (motion - motion[:, :, :1]).abs().amax((0, 2, 3)))  # per head
             assert (spread > 1e-3).nonzero().flatten().tolist() == heads_with_positions
-    values.clear()
     x = torch.randn(2, 8, 5, 12)
     assert (keyed(x[:, :, [3, 0, 4, 1, 2]]) - keyed(x)).abs().max() > 1e-4  # still knows where each cell is
     assert (keyed(x[:, [1, 0, 2, 3, 4, 5, 6, 7]]) - keyed(x)).abs().max() > 1e-4  # and which frame came first
