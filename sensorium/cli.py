@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("name", choices=list(SYNTHETIC_SETS), help="which set")
     dd.add_argument("--out", required=True, help="output folder")
     dd.add_argument("--num", type=int, default=None,
-                    help="training samples (default: 4000 images or utterances, 2000 clips, 1000 chats)")
+                    help="training samples (default: 4000 images, clips or utterances; 1000 chats)")
     dd.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
     sub.add_parser("features", help="cache a recipe's frozen encoder outputs as feature shards", add_help=False)

@@ -61,13 +61,16 @@ class CrossAttentionConfig:
         return cls(**(base | overrides))
 
     def __post_init__(self) -> None:
-        assert self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}"
-        assert self.attend in ("previous", "last"), f"attend must be 'previous' or 'last', got {self.attend!r}"
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.attend not in ("previous", "last"):
+            raise ValueError(f"attend must be 'previous' or 'last', got {self.attend!r}")
 
 
 def placement(n_layers: int, every: int, *, offset: int = 0) -> list[int]:
     """Indices of every ``every``-th decoder layer starting at ``offset`` (paper: every 4th)."""
-    assert every >= 1, f"every must be >= 1, got {every}"
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
     return list(range(offset, n_layers, every))
 
 

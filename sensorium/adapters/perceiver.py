@@ -52,10 +52,14 @@ class PerceiverConfig:
 
     def __post_init__(self) -> None:
         self.group = min(self.group, self.num_frames)
-        assert self.num_frames % self.group == 0, f"num_frames {self.num_frames} is not a multiple of group {self.group}"
-        assert self.dim % self.n_heads == 0, f"dim {self.dim} is not divisible by n_heads {self.n_heads}"
-        assert 0 <= self.position_value_heads <= self.n_heads, f"position_value_heads must be in 0..{self.n_heads}"
-        assert self.positions_in_keys_only or not self.position_value_heads, "position_value_heads needs positions_in_keys_only"
+        if self.num_frames % self.group:
+            raise ValueError(f"num_frames {self.num_frames} is not a multiple of group {self.group}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if not 0 <= self.position_value_heads <= self.n_heads:
+            raise ValueError(f"position_value_heads must be in 0..{self.n_heads}, got {self.position_value_heads}")
+        if self.position_value_heads and not self.positions_in_keys_only:
+            raise ValueError("position_value_heads needs positions_in_keys_only")
 
     @property
     def groups(self) -> int:

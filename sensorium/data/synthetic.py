@@ -423,16 +423,19 @@ def default_split_sizes(num: int) -> dict[str, int]:
     return {"train": num, "val": max(128, num // 20), "test": max(256, num // 10)}
 
 
+def read_set_info(out: str | Path) -> dict[str, Any] | None:
+    """The ``info.json`` of a generated set (name, generator version, seed, split sizes), or None."""
+    try:
+        meta = json.loads((Path(out) / "info.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def is_current(out: str | Path, name: str) -> bool:
     """Whether ``out`` holds synthetic set ``name`` made by this version of its generator."""
-    info = Path(out) / "info.json"
-    if not info.is_file():
-        return False
-    try:
-        meta = json.loads(info.read_text())
-    except (OSError, ValueError, RecursionError):
-        return False
-    return meta.get("name") == name and meta.get("version") == VERSION
+    meta = read_set_info(out)
+    return meta is not None and meta.get("name") == name and meta.get("version") == VERSION
 
 
 def write_shards(samples: Iterator[dict[str, Any]], folder: Path, *, total: int, per_shard: int = 1000,
@@ -457,7 +460,7 @@ GENERATORS = {
     "spoken-words-instruct": _spoken_words_instruct_samples,
 }
 DEFAULT_TRAIN_SIZES = {  # training samples per set when none is asked for (instruction sets: LIMA's ~1k)
-    "shapes": 4000, "moving-shapes": 2000, "spoken-words": 4000,
+    "shapes": 4000, "moving-shapes": 4000, "spoken-words": 4000,
     "shapes-instruct": 1000, "moving-shapes-instruct": 1000, "spoken-words-instruct": 1000,
 }
 VERSION = 2  # bumped when a generator changes; older sets are regenerated on first use

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from sensorium.data import features as feature_cache
 from sensorium.data.shards import ShardStream, count_samples, sample_pipeline
-from sensorium.data.synthetic import is_current, make_dataset
+from sensorium.data.synthetic import is_current, make_dataset, read_set_info
 
 
 class ResumableLoader(DataLoader):
@@ -117,9 +117,18 @@ class ShardDataModule(L.LightningDataModule):
 
     def ensure_source(self) -> None:
         """Generate the synthetic set into ``root`` when it is absent or made by an older generator."""
-        if self.hparams.synthetic and not is_current(self.root, self.hparams.synthetic):
+        if not self.hparams.synthetic:
+            return
+        if not is_current(self.root, self.hparams.synthetic):
             print(f"generating synthetic '{self.hparams.synthetic}' data into {self.root}", file=sys.stderr)
             make_dataset(self.hparams.synthetic, self.root, num=self.hparams.num_train, seed=self.hparams.seed)
+            return
+        splits = (read_set_info(self.root) or {}).get("splits")
+        have = splits.get("train") if isinstance(splits, dict) else None
+        if have != self.hparams.num_train:
+            warnings.warn(f"{self.root} holds {have} training samples, not the {self.hparams.num_train} asked for "
+                          "(num_train); it is used as it is: delete the folder to generate the asked size",
+                          stacklevel=2)
 
     def cache_features(self, module: L.LightningModule, out: str | Path) -> Path:
         """Encode ``root`` with ``module``'s frozen encoder into ``out`` unless it already holds those features."""

@@ -68,6 +68,7 @@ def test_fine_tuned_twin_warns_or_fails_with_strict(tmp_path, parts):
     (lambda m: m.update(kind="telepathy"), "unknown adapter kind 'telepathy'"),
     (lambda m: m["config"].update(dim=65), "has shape"),
     (lambda m: m.pop("config"), "'config' is missing"),
+    (lambda m: m["config"].update(attend="sideways"), "config does not build .attend must be"),
 ])
 def test_bad_manifests(tmp_path, parts, edit, message):
     bb, _, xattn, _ = parts

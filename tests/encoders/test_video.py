@@ -196,3 +196,14 @@ def test_positions_in_keys_only_steer_the_attention_but_reach_only_the_chosen_he
     x = torch.randn(2, 8, 5, 12)
     assert (keyed(x[:, :, [3, 0, 4, 1, 2]]) - keyed(x)).abs().max() > 1e-4  # still knows where each cell is
     assert (keyed(x[:, [1, 0, 2, 3, 4, 5, 6, 7]]) - keyed(x)).abs().max() > 1e-4  # and which frame came first
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(group=3), "num_frames 8 is not a multiple of group 3"),
+    (dict(positions_in_keys_only=True, position_value_heads=5), r"position_value_heads must be in 0\.\.4, got 5"),
+    (dict(position_value_heads=1), "position_value_heads needs positions_in_keys_only"),
+])
+def test_perceiver_config_refuses_impossible_settings(change, message):
+    cfg = dict(media_dim=12, dim=16, num_latents=3, num_frames=8, group=4, n_heads=4) | change
+    with pytest.raises(ValueError, match=message):
+        PerceiverConfig(**cfg)

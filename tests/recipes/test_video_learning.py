@@ -1,0 +1,34 @@
+"""The default video recipe end to end: clip generation, the feature cache and the video adapter on the
+pretrained frame encoder, then the held-out test split.
+
+Slow (about 20 minutes on 2 CPU cores: clips and their features about 4, training at most 16 by the
+recipe's own caps): the adapter must name the colour, the shape and the direction of motion (knowable
+only from several frames) on >= 90 % of the 400 held-out test clips. Runs in a temporary working
+directory, so the recipe's relative paths (data/, runs/) land there.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from sensorium.cli import main
+from sensorium.eval.metrics import MOVING_VOCABULARY, attribute_accuracy
+from tests.recipes.conftest import RECIPES
+
+
+@pytest.mark.slow
+def test_moving_shapes_recipe_learns_colour_shape_and_direction(tmp_path, monkeypatch, shapes_encoder):
+    encoder, encoder_minutes = shapes_encoder
+    monkeypatch.chdir(tmp_path)
+    recipe = ["--config", str(RECIPES / "video/moving_shapes.yaml"), "--model.encoder.checkpoint", str(encoder)]
+    t0 = time.perf_counter()
+    assert main(["fit", *recipe]) == 0
+    adapter_minutes = (time.perf_counter() - t0) / 60
+    assert main(["test", *recipe, "--model.init_adapter", "runs/video/adapter"]) == 0
+    results = [json.loads(line) for line in Path("runs/video/test_predictions.jsonl").read_text().splitlines()]
+    scores = attribute_accuracy(results, MOVING_VOCABULARY)
+    print(f"encoder {encoder_minutes:.1f} min + video recipe {adapter_minutes:.1f} min; test scores {scores}")
+    assert len(results) == 400
+    assert min(scores["colour"], scores["shape"], scores["direction"]) >= 0.90
