@@ -116,7 +116,8 @@ class ShardDataModule(L.LightningDataModule):
             self.cache_features(self.trainer.lightning_module, self.hparams.features)
 
     def ensure_source(self) -> None:
-        """Generate the synthetic set into ``root`` when it is absent or made by an older generator."""
+        """Generate the synthetic set into ``root`` when it is absent or made by an older generator; warn
+        when it holds another number of training samples than ``num_train`` (it is used as it is)."""
         if not self.hparams.synthetic:
             return
         if not is_current(self.root, self.hparams.synthetic):
