@@ -1,13 +1,28 @@
-"""The pretrained shapes encoder, made once per test session for the slow end-to-end recipe tests."""
+"""For the slow end-to-end recipe tests: the pretrained shapes encoder, made once per test session, and
+a recipe's fit followed by its test split."""
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sensorium.cli import main
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def fit_and_test(recipe: str, run_dir: str, *overrides: str) -> tuple[list[dict[str, Any]], float]:
+    """``sensorium fit`` then ``sensorium test`` of ``recipes/<recipe>`` (with ``overrides``) on the adapter
+    it wrote to ``run_dir/adapter``; returns the test predictions and the minutes the fit took."""
+    args = ["--config", str(RECIPES / recipe), *overrides]
+    t0 = time.perf_counter()
+    assert main(["fit", *args]) == 0
+    minutes = (time.perf_counter() - t0) / 60
+    assert main(["test", *args, "--model.init_adapter", f"{run_dir}/adapter"]) == 0
+    lines = (Path(run_dir) / "test_predictions.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines], minutes
 
 
 @pytest.fixture(scope="session")

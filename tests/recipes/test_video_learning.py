@@ -7,27 +7,18 @@ only from several frames) on >= 90 % of the 400 held-out test clips. Runs in a t
 directory, so the recipe's relative paths (data/, runs/) land there.
 """
 
-import json
-import time
-from pathlib import Path
-
 import pytest
 
-from sensorium.cli import main
 from sensorium.eval.metrics import MOVING_VOCABULARY, attribute_accuracy
-from tests.recipes.conftest import RECIPES
+from tests.recipes.conftest import fit_and_test
 
 
 @pytest.mark.slow
 def test_moving_shapes_recipe_learns_colour_shape_and_direction(tmp_path, monkeypatch, shapes_encoder):
     encoder, encoder_minutes = shapes_encoder
     monkeypatch.chdir(tmp_path)
-    recipe = ["--config", str(RECIPES / "video/moving_shapes.yaml"), "--model.encoder.checkpoint", str(encoder)]
-    t0 = time.perf_counter()
-    assert main(["fit", *recipe]) == 0
-    adapter_minutes = (time.perf_counter() - t0) / 60
-    assert main(["test", *recipe, "--model.init_adapter", "runs/video/adapter"]) == 0
-    results = [json.loads(line) for line in Path("runs/video/test_predictions.jsonl").read_text().splitlines()]
+    results, adapter_minutes = fit_and_test("video/moving_shapes.yaml", "runs/video",
+                                            "--model.encoder.checkpoint", str(encoder))
     scores = attribute_accuracy(results, MOVING_VOCABULARY)
     print(f"encoder {encoder_minutes:.1f} min + video recipe {adapter_minutes:.1f} min; test scores {scores}")
     assert len(results) == 400
