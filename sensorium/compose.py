@@ -14,6 +14,16 @@ two adapters put blocks in front of the same decoder layer they run in the order
 An adapter that does not fit the backbone (another width, blocks past its last layer, a folder trained on
 another backbone shape) or its encoder is refused with an error that names the adapter folder.
 
+Media scope (``media_scope``): by default (``"until_other"``) an image or clip is seen by the text after it
+until media of another modality arrive: the next run of placeholders (placeholders side by side, such as
+the media parts of one message) that holds another modality's item ends its window. Adapters trained one
+at a time never saw text about another medium, so in a chat of an image turn, then a clip turn, then a
+speech turn, each turn's text and answer are conditioned on its own medium only (earlier turns stay in the
+self-attention context as text, as does spliced speech). Media of one run (``--image a.jpg --audio b.wav``
+in one message) are all seen by the text that follows them, and several images stay visible together.
+``"all"`` keeps the Flamingo rule across modalities: every earlier medium stays visible. With one
+modality in the text the two are the same.
+
 Generation can contrast the prompt with its media against the prompt without them (CM3Leon-style
 classifier-free guidance, ``contrastive_alpha``; see :mod:`sensorium.backbone.generate`).
 """
@@ -39,6 +49,7 @@ PART_TYPES = {"image": "image", "video": "video", "audio": "speech", "speech": "
 
 
 NO_ENCODER = "no {modality} encoder is composed"
+MEDIA_SCOPES = ("until_other", "all")
 
 
 class MediaMismatchError(SensoriumError, ValueError):
@@ -67,6 +78,7 @@ class ComposedModel(nn.Module):
         adapters: adapters, at most one per modality.
         encoders: frozen encoders keyed by modality (needed for raw media; not for precomputed features).
         tokenizer: used by :meth:`generate`; its placeholder ids are aligned with the backbone's vocabulary.
+        media_scope: ``"until_other"`` (default) or ``"all"``: how long text sees a medium (module docstring).
     """
 
     def __init__(
@@ -76,8 +88,10 @@ class ComposedModel(nn.Module):
         *,
         encoders: Mapping[str, nn.Module] | None = None,
         tokenizer: Tokenizer | None = None,
+        media_scope: str = "until_other",
     ) -> None:
         super().__init__()
+        self.media_scope = check_media_scope(media_scope)
         self.backbone = backbone.requires_grad_(False).eval()
         self.adapters = nn.ModuleDict()
         self.encoders = nn.ModuleDict(dict(encoders or {}))
@@ -173,7 +187,8 @@ class ComposedModel(nn.Module):
             MediaMismatchError: a modality has no adapter, or placeholder counts differ from item counts.
         """
         return prepare_media(self.adapters, self.encoders, self.placeholder_ids, tokens, media,
-                             dim=self.backbone.config.dim, owner="composed", no_encoder=NO_ENCODER)
+                             dim=self.backbone.config.dim, owner="composed", no_encoder=NO_ENCODER,
+                             scope=self.media_scope)
 
     @staticmethod
     def _check_positions(modality: str, is_ph: torch.Tensor, counts: torch.Tensor, per_item: torch.Tensor) -> None:
@@ -426,13 +441,39 @@ def media_dim(adapter: nn.Module) -> int | None:
     return getattr(getattr(adapter, "config", None), "media_dim", None)
 
 
+def check_media_scope(scope: str) -> str:
+    if scope not in MEDIA_SCOPES:
+        raise ValueError(f"media_scope must be one of {', '.join(map(repr, MEDIA_SCOPES))}, got {scope!r}")
+    return scope
+
+
+def other_media_start(tokens: torch.Tensor, placeholder_ids: Mapping[str, int], modality: str,
+                      slots: torch.Tensor) -> torch.Tensor:
+    """For ``modality`` items whose placeholders stand at ``slots`` ``(B, L)``: the slot where the next run of
+    placeholders holding another modality's item begins (a run: placeholders side by side), after the
+    item's own run; ``int64`` max where none follows."""
+    B, T = tokens.shape
+    big = torch.iinfo(torch.long).max
+    pos = torch.arange(T, device=tokens.device).expand(B, T)
+    ph = torch.isin(tokens, torch.tensor(list(placeholder_ids.values()), device=tokens.device))  # (B, T)
+    other = ph & (tokens != placeholder_ids[modality])
+    before, after = F.pad(ph[:, :-1], (1, 0)), F.pad(ph[:, 1:], (0, 1))
+    run_start = torch.where(ph & ~before, pos, -1).cummax(-1).values  # (B, T) start of the run at or before t
+    run_end = torch.where(ph & ~after, pos, big).flip(-1).cummin(-1).values.flip(-1)  # end of the run at or after t
+    next_other = torch.where(other, pos, big).flip(-1).cummin(-1).values.flip(-1)  # (B, T)
+    next_other = torch.cat([next_other, next_other.new_full((B, 1), big)], 1)  # (B, T + 1): none past the end
+    last = run_end.gather(1, slots.clamp(max=T - 1)).clamp(max=T - 1)  # (B, L) last slot of each item's run
+    nxt = next_other.gather(1, last + 1)  # first other-modality placeholder after it
+    return torch.where(nxt < big, run_start.gather(1, nxt.clamp(max=T - 1)), big)
+
+
 def prepare_media(adapters: Mapping[str, nn.Module], encoders: Mapping[str, nn.Module], placeholder_ids: Mapping[str, int],
                   tokens: torch.Tensor, media: Mapping[str, Mapping[str, Any]] | None, *, dim: int,
-                  owner: str, no_encoder: str = "no {modality} encoder") -> dict[str, Any]:
+                  owner: str, no_encoder: str = "no {modality} encoder", scope: str = "until_other") -> dict[str, Any]:
     """Encode and project ``media`` for ``tokens`` ``(B, T)``: per modality, cross-attention inputs
     (:class:`MediaInputs`) or splice embeddings ``(positions, dim)``. ``owner`` words the errors
     ("no image adapter is composed" / "is attached"); ``no_encoder`` is the message for raw media without
-    an encoder.
+    an encoder; ``scope`` is the media scope (module docstring).
 
     Raises:
         MediaMismatchError: a modality has no adapter, or placeholder counts differ from item counts.
@@ -468,6 +509,10 @@ def prepare_media(adapters: Mapping[str, nn.Module], encoders: Mapping[str, nn.M
             state[modality] = ComposedModel._cross_attention_inputs(adapter, values, counts, is_ph)
         else:
             state[modality] = adapter(values).reshape(-1, dim)  # (I*N, dim)
+    if check_media_scope(scope) == "until_other" and len(present) > 1:
+        for modality, inputs in state.items():
+            if isinstance(inputs, MediaInputs):
+                inputs.token_end = other_media_start(tokens, placeholder_ids, modality, inputs.token_slot)
     return state
 
 
@@ -529,6 +574,7 @@ def compose(
     *,
     tokenizer: Tokenizer | None = None,
     strict: bool = False,
+    media_scope: str = "until_other",
 ) -> ComposedModel:
     """One model from a backbone and trained adapters (modules or adapter folders).
 
@@ -541,6 +587,7 @@ def compose(
         adapters: adapter modules or folders, at most one per modality.
         tokenizer: needed for :meth:`ComposedModel.generate`.
         strict: refuse a backbone whose embedding weights differ from the adapter's (else a warning).
+        media_scope: ``"until_other"`` (default) or ``"all"``: how long text sees a medium (module docstring).
 
     Raises:
         AdapterMismatchError: an adapter does not fit the backbone or its encoder (the error names its folder).
@@ -557,7 +604,7 @@ def compose(
         else:
             module = a
         modules.append(module)
-    return ComposedModel(backbone, modules, encoders=encoders, tokenizer=tokenizer)
+    return ComposedModel(backbone, modules, encoders=encoders, tokenizer=tokenizer, media_scope=media_scope)
 
 
-__all__ = ["PART_TYPES", "ComposedModel", "MediaMismatchError", "compose", "describe_adapter", "lm_loss", "media_dim"]
+__all__ = ["MEDIA_SCOPES", "PART_TYPES", "ComposedModel", "MediaMismatchError", "compose", "describe_adapter", "lm_loss", "media_dim"]

@@ -2,8 +2,10 @@
 
 Generates the synthetic sets, pretrains the small image and speech encoders, trains the image, video and
 speech adapters on the frozen SmolLM2-135M-Instruct with those encoders frozen, composes the three
-adapters into one model, evaluates each modality with its adapter alone and inside the composed model,
-holds one conversation that mixes an image, a clip and speech, prints a table and writes an HTML report.
+adapters into one model, evaluates each modality with its adapter alone, inside the composed model, and
+inside the composed model with every question asked after an image, clip or speech turn of the two other
+modalities (``in a chat``), holds one conversation that mixes an image, a clip and speech, prints a table
+and writes an HTML report.
 
 Everything lands in one working folder (``--dir``); stages whose outputs exist are reused, so an
 interrupted demo continues where it stopped (``--fresh`` starts over). Each training stage of the full
@@ -89,58 +91,83 @@ def _train(stages: Sequence[Stage], *, quick: bool, log: Any) -> dict[str, float
     return minutes
 
 
-def _evaluate(*, quick: bool, log: Any) -> list[dict[str, Any]]:
+MODES = ("alone", "composed", "in a chat")  # the table's columns
+QUESTIONS = {"image": ("image", "Describe the image."), "video": ("video", "Describe the video."),
+             "speech": ("audio", "Repeat after me in English:")}  # modality → (message part type, question)
+
+
+def _composed() -> Any:
+    """The three trained adapters composed on the embedded backbone."""
+    import sensorium
+
+    path = sensorium.embedded_backbone_path()
+    return sensorium.compose(sensorium.load_backbone(path), [a for *_, a in EVALS],
+                             tokenizer=sensorium.load_tokenizer(path))
+
+
+def _evaluate(media: dict[str, tuple[Path, str]], composed: Any, *, quick: bool, log: Any) -> list[dict[str, Any]]:
+    """Each modality's evaluation alone, composed, and composed after turns of the other two modalities
+    (``media``: per modality, a test item's file and reference, the turns' media and answers; ``composed``:
+    the three adapters' model, reused by those runs)."""
     from sensorium.eval.runner import EvalConfig, evaluate
 
     every = [adapter for _, _, _, adapter in EVALS]
     rows = []
     for modality, task, data, adapter in EVALS:
+        context = []
+        for other in (m for m, *_ in EVALS if m != modality):
+            kind, question = QUESTIONS[other]
+            path, reference = media[other]
+            context += [{"role": "user", "content": [{"type": kind, kind: str(path)}, {"type": "text", "text": question}]},
+                        {"role": "assistant", "content": reference}]
         scores = {}
-        for mode, adapters in (("alone", [adapter]), ("composed", every)):
+        for mode, adapters, turns in (("alone", [adapter], None), ("composed", every, None), ("in a chat", every, context)):
             print(f"[demo] evaluating {modality} ({mode})", file=log, flush=True)
             config = EvalConfig(task=task, adapters=adapters, data=data, max_samples=8 if quick else 128,
-                                out=f"reports/{modality}_{mode}")
-            scores[mode] = evaluate(config)
-        rows.append({"modality": modality, "task": task, "alone": scores["alone"], "composed": scores["composed"]})
+                                out=f"reports/{modality}_{mode.replace(' ', '_')}", context=turns)
+            scores[mode] = evaluate(config, model=None if mode == "alone" else composed)
+        rows.append({"modality": modality, "task": task, **scores})
     return rows
 
 
-def _first_media(data: str, exts: tuple[str, ...], out: Path) -> Path:
-    """Write the first test item of a shard folder (image, clip or audio) to ``out`` (with its extension)."""
+def _first_media(data: str, exts: tuple[str, ...], out: Path) -> tuple[Path, str]:
+    """Write the first test item of a shard folder (image, clip or audio) to ``out`` (with its extension);
+    returns the file and the item's reference text."""
     import tarfile
 
     shard = sorted((Path(data) / "test").glob("*.tar"))[0]
     with tarfile.open(shard) as tar:
         for m in tar.getmembers():
-            if m.name.rsplit(".", 1)[-1] in exts:
-                target = out.with_suffix("." + m.name.rsplit(".", 1)[-1])
+            key, ext = m.name.rsplit(".", 1)
+            if ext in exts:
+                target = out.with_suffix("." + ext)
                 target.write_bytes(tar.extractfile(m).read())
-                return target
+                return target, json.loads(tar.extractfile(f"{key}.json").read())["text"]
     raise SensoriumError(f"{shard}: no {'/'.join(exts)} item")
 
 
-def _conversation(log: Any) -> list[dict[str, str]]:
-    """One conversation with an image, a clip and speech, answered by the composed model turn by turn."""
-    import sensorium
-
+def _demo_media() -> dict[str, tuple[Path, str]]:
+    """The first test image, clip and utterance written to ``media/``, with their references."""
     media = Path("media")
     media.mkdir(exist_ok=True)
-    image = _first_media("data/shapes", ("png", "jpg"), media / "image")
-    clip = _first_media("data/moving_shapes", ("mp4",), media / "clip")
-    audio = _first_media("data/spoken_words", ("flac", "wav"), media / "speech")
-    path = sensorium.embedded_backbone_path()
-    model = sensorium.compose(sensorium.load_backbone(path), [a for *_, a in EVALS],
-                              tokenizer=sensorium.load_tokenizer(path))
-    turns = [("image", image, "Describe the image."), ("video", clip, "Describe the video."),
-             ("audio", audio, "Repeat after me in English:")]
+    return {"image": _first_media("data/shapes", ("png", "jpg"), media / "image"),
+            "video": _first_media("data/moving_shapes", ("mp4",), media / "clip"),
+            "speech": _first_media("data/spoken_words", ("flac", "wav"), media / "speech")}
+
+
+def _conversation(media: dict[str, tuple[Path, str]], model: Any, log: Any) -> list[dict[str, str]]:
+    """One conversation with an image, a clip and speech, answered by the composed model turn by turn
+    (each medium is seen until the next turn's medium of another modality: ``media_scope="until_other"``)."""
     chat: list[dict[str, Any]] = []
     out = []
-    for kind, item, question in turns:
+    for modality, (item, reference) in media.items():
+        kind, question = QUESTIONS[modality]
         chat.append({"role": "user", "content": [{"type": kind, kind: str(item)}, {"type": "text", "text": question}]})
         answer = model.generate(chat, max_new_tokens=24, system="").strip()
         chat.append({"role": "assistant", "content": answer})
-        out.append({"media": str(item), "question": question, "answer": answer})
-        print(f"[demo] user: <{kind}> {question}\n[demo] assistant: {answer}", file=log, flush=True)
+        out.append({"media": str(item), "question": question, "answer": answer, "reference": reference})
+        print(f"[demo] user: <{kind}> {question}\n[demo] assistant: {answer}  (reference: {reference})",
+              file=log, flush=True)
     return out
 
 
@@ -154,11 +181,11 @@ def _headline(summary: dict[str, Any]) -> tuple[str, float]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'modality':<8} {'metric':<18} {'adapter alone':>14} {'composed':>10}"]
+    lines = [f"{'modality':<8} {'metric':<26} {'adapter alone':>14} {'composed':>10} {'in a chat':>10}"]
     for r in rows:
         name, alone = _headline(r["alone"])
-        composed = float(r["composed"]["metrics"][name])
-        lines.append(f"{r['modality']:<8} {name:<18} {alone:>14.3f} {composed:>10.3f}")
+        composed, chat = (float(r[mode]["metrics"][name]) for mode in MODES[1:])
+        lines.append(f"{r['modality']:<8} {name:<26} {alone:>14.3f} {composed:>10.3f} {chat:>10.3f}")
     return "\n".join(lines)
 
 
@@ -166,18 +193,20 @@ def _report(rows: list[dict[str, Any]], chat: list[dict[str, str]], minutes: dic
     parts = ["<!doctype html><meta charset='utf-8'><title>sensorium demo</title>",
              "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{padding:.3em .8em;"
              "border-bottom:1px solid #ddd}</style><h1>sensorium demo</h1><h2>Scores</h2><table>",
-             "<tr><th>modality</th><th>metric</th><th>adapter alone</th><th>composed</th><th>galleries</th></tr>"]
+             "<tr><th>modality</th><th>metric</th>" + "".join(f"<th>{m}</th>" for m in MODES)
+             + "<th>galleries</th></tr>"]
     for r in rows:
-        name, alone = _headline(r["alone"])
-        composed = float(r["composed"]["metrics"][name])
+        name, _ = _headline(r["alone"])
         m = r["modality"]
-        parts.append(f"<tr><td>{m}</td><td>{name}</td><td>{alone:.3f}</td><td>{composed:.3f}</td>"
-                     f"<td><a href='{m}_alone/report.html'>alone</a> · <a href='{m}_composed/report.html'>"
-                     "composed</a></td></tr>")
-    parts.append("</table><h2>One conversation, three media</h2><ol>")
+        cells = "".join(f"<td>{float(r[mode]['metrics'][name]):.3f}</td>" for mode in MODES)
+        links = " · ".join(f"<a href='{m}_{mode.replace(' ', '_')}/report.html'>{mode}</a>" for mode in MODES)
+        parts.append(f"<tr><td>{m}</td><td>{name}</td>{cells}<td>{links}</td></tr>")
+    parts.append("</table><p>in a chat: every question follows a turn of each other modality (its medium and "
+                 "its reference answer), in the composed model.</p>")
+    parts.append("<h2>One conversation, three media</h2><ol>")
     for t in chat:
         parts.append(f"<li><b>{html.escape(Path(t['media']).name)}</b> — {html.escape(t['question'])}<br>"
-                     f"<i>{html.escape(t['answer'])}</i></li>")
+                     f"<i>{html.escape(t['answer'])}</i> (reference: {html.escape(t['reference'])})</li>")
     parts.append("</ol><h2>Training time</h2><ul>")
     parts += [f"<li>{html.escape(k)}: {v:.1f} min</li>" for k, v in minutes.items()]
     parts.append("</ul>")
@@ -201,13 +230,14 @@ def run_demo(folder: str | Path = "sensorium-demo", *, quick: bool = False, fres
     try:
         t0 = time.perf_counter()
         minutes = _train(STAGES, quick=quick, log=log)
-        rows = _evaluate(quick=quick, log=log)
-        chat = _conversation(log)
+        media = _demo_media()
+        composed = _composed()
+        rows = _evaluate(media, composed, quick=quick, log=log)
+        chat = _conversation(media, composed, log)
         report = _report(rows, chat, minutes)
         total = (time.perf_counter() - t0) / 60
         (Path("reports") / "demo.json").write_text(json.dumps(
-            {"scores": [{"modality": r["modality"], "alone": r["alone"]["metrics"], "composed": r["composed"]["metrics"]}
-                        for r in rows], "conversation": chat, "minutes": minutes, "total_minutes": total}, indent=2))
+            {"scores": [{"modality": r["modality"], **{mode: r[mode]["metrics"] for mode in MODES}} for r in rows], "conversation": chat, "minutes": minutes, "total_minutes": total}, indent=2))
         print("\n" + _table(rows))
         print(f"\nreport: {folder / report}  ({total:.1f} min)")
         return {"rows": rows, "conversation": chat, "minutes": minutes, "total_minutes": total}

@@ -174,6 +174,71 @@ def test_mixed_prompt_runs_and_each_medium_changes_what_follows_it(full):
             assert float((changed[0, first:] - base[0, first:]).abs().max()) > 1e-3, m
 
 
+def _block_deltas(model: ComposedModel, tokens: torch.Tensor, media: dict) -> dict[str, torch.Tensor]:
+    """Per cross-attention modality: the largest change its blocks make at each position ``(T,)`` (row 0)."""
+    deltas = {m: torch.zeros(tokens.shape[1]) for m in ("image", "video")}
+
+    def record(m):
+        def hook(mod, args, out):
+            deltas[m] = torch.maximum(deltas[m], (out - args[0])[0].abs().amax(-1))
+        return hook
+
+    hooks = [block.register_forward_hook(record(m)) for m in deltas for block in model.adapters[m].blocks]
+    try:
+        with torch.no_grad():
+            model(tokens, media=media)
+    finally:
+        for h in hooks:
+            h.remove()
+    return deltas
+
+
+@pytest.mark.parametrize("scope", ["until_other", "all"])
+def test_a_medium_is_seen_until_media_of_another_modality_arrive(full, scope):
+    items = {m: _item(full, m, 1) for m in MODALITIES}
+    tokens = torch.tensor([_row(full, items)])  # text, image, text, clip, text, speech, text
+    first = {m: int((tokens[0] == full.placeholder_ids[m]).nonzero()[0]) for m in MODALITIES}
+    full.media_scope = scope
+    try:
+        deltas = _block_deltas(full, tokens, _media([items]))
+    finally:
+        full.media_scope = "until_other"
+    for m, end in (("image", first["video"]), ("video", first["speech"])):
+        assert float(deltas[m][: first[m]].abs().max()) == 0.0, m  # nothing before the medium
+        assert bool((deltas[m][first[m] : end] > 0).all()), m  # its own stretch of text sees it
+        after = deltas[m][end:]
+        if scope == "until_other":
+            assert float(after.max()) == 0.0, m  # blocks give exactly zero once another modality arrived
+        else:
+            assert bool((after > 0).all()), m  # Flamingo rule: every later position still sees it
+
+
+def test_media_given_side_by_side_are_all_seen_by_the_text_after_them(full):
+    items = {m: _item(full, m, 2) for m in MODALITIES}
+    ids = full.expand_placeholders([1, 3, *(full.placeholder_ids[m] for m in MODALITIES), 8, 9, 15],
+                                   {m: [x] for m, x in items.items()})
+    deltas = _block_deltas(full, torch.tensor([ids]), _media([items]))
+    text = len(ids) - 3
+    for m in ("image", "video"):
+        assert bool((deltas[m][text:] > 0).all()), m
+
+
+def test_other_media_start_hand_worked():
+    from sensorium.compose import other_media_start
+
+    ph = {"image": 100, "video": 101, "speech": 102}
+    I, V, S, big = 100, 101, 102, torch.iinfo(torch.long).max
+    tokens = torch.tensor([[5, I, I, 6, S, S, 7, V, 8, I, 9],
+                           [0, 0, 0, 0, I, S, S, 5, V, 6, 7]])  # second row left-padded; image and speech side by side
+    image = other_media_start(tokens, ph, "image", torch.tensor([[1, 2, 9], [4, big, big]]))
+    assert image[0].tolist() == [4, 4, big]  # both images of the first run end at the speech run
+    assert int(image[1, 0]) == 8  # the image beside the speech ends at the clip, not at the speech
+    video = other_media_start(tokens, ph, "video", torch.tensor([[7], [8]]))
+    assert video.tolist() == [[9], [big]]
+    with pytest.raises(ValueError, match="media_scope must be one of"):
+        _compose_scope = sensorium.compose(tiny_backbone(), [], media_scope="latest")  # noqa: F841
+
+
 # ------------------------------------------------------------------------------ (c) generate(messages)
 def test_generate_with_image_clip_and_speech_in_one_turn_and_multi_turn(full, tmp_path):
     wav = tmp_path / "utterance.wav"

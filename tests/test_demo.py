@@ -20,9 +20,12 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
         assert modality in out
     summary = json.loads((tmp_path / "demo/reports/demo.json").read_text())
     assert [s["modality"] for s in summary["scores"]] == ["image", "video", "speech"]
-    assert len(summary["conversation"]) == 3 and all(t["answer"] for t in summary["conversation"])
+    assert all(set(s) == {"modality", "alone", "composed", "in a chat"} for s in summary["scores"])
+    assert len(summary["conversation"]) == 3 and all(t["answer"] and t["reference"] for t in summary["conversation"])
     index = (tmp_path / "demo/reports/index.html").read_text()
     assert "One conversation, three media" in index
-    for name in ("image_alone", "image_composed", "video_alone", "speech_composed"):
+    for name in ("image_alone", "image_composed", "video_alone", "speech_composed", "speech_in_a_chat"):
         assert (tmp_path / "demo/reports" / name / "report.html").is_file()
+    metrics = json.loads((tmp_path / "demo/reports/speech_in_a_chat/metrics.json").read_text())
+    assert [m["role"] for m in metrics["context"]] == ["user", "assistant"] * 2  # an image turn, then a clip turn
     print(f"quick demo: {minutes:.1f} min")

@@ -6,7 +6,8 @@ positional encoding on media, and both gates initialised to 0 so an untrained ad
 backbone's output unchanged. Text positions that see no media get exactly zero from a block.
 
 Media visibility follows the Flamingo rule: a text position attends to the media whose placeholder
-stands at or before it (``attend="previous"``: all of them; ``attend="last"``: the latest one).
+stands at or before it (``attend="previous"``: all of them; ``attend="last"``: the latest one). A composed
+model can also end an item's visibility at a later slot (``token_end``, see :mod:`sensorium.compose`).
 """
 
 from dataclasses import asdict, dataclass, field
@@ -82,10 +83,13 @@ class MediaInputs:
         token_valid: ``(B, L)`` True for tokens of real items.
         token_slot: ``(B, L)`` sequence slot of the placeholder of each token's item.
         attend: visibility rule (see module docstring).
+        token_end: ``(B, L)`` first slot that no longer sees each token's item; None: seen to the end.
     """
 
-    def __init__(self, values: torch.Tensor, token_valid: torch.Tensor, token_slot: torch.Tensor, attend: str) -> None:
+    def __init__(self, values: torch.Tensor, token_valid: torch.Tensor, token_slot: torch.Tensor, attend: str,
+                 token_end: torch.Tensor | None = None) -> None:
         self.values, self.token_valid, self.token_slot, self.attend = values, token_valid, token_slot, attend
+        self.token_end = token_end
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per block: media K/V, computed once
         self._masks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -95,6 +99,8 @@ class MediaInputs:
         if key not in self._masks:
             q = torch.arange(start, start + T, device=self.values.device)  # (T,)
             visible = (self.token_slot[:, None, :] <= q[None, :, None]) & self.token_valid[:, None, :]  # (B, T, L)
+            if self.token_end is not None:
+                visible = visible & (q[None, :, None] < self.token_end[:, None, :])
             if self.attend == "last":
                 latest = torch.where(visible, self.token_slot[:, None, :], -1).amax(-1, keepdim=True)  # (B, T, 1)
                 visible = visible & (self.token_slot[:, None, :] == latest)

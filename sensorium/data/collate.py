@@ -8,10 +8,12 @@ positions per item, so their placeholder is repeated to that length here. Trunca
 media span: the cut moves in front of the span and the items beyond it are dropped.
 """
 
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from sensorium.backbone.tokenizer import PLACEHOLDERS, Tokenizer
@@ -50,6 +52,11 @@ class Batch:
         return Batch(self.tokens.to(device), self.labels.to(device), media, self.keys, self.bad, self.extra)
 
 
+def _key_rng(sample: Mapping[str, Any], stream: int = 0) -> np.random.Generator:
+    """A random stream fixed by the sample's key (the same choices every epoch and in every worker)."""
+    return np.random.default_rng([zlib.crc32(str(sample.get("__key__")).encode()), stream])
+
+
 class ChatCollator:
     """Build :class:`Batch` es from decoded samples.
 
@@ -62,6 +69,10 @@ class ChatCollator:
         max_len: longest sequence in tokens.
         pad_id: id for padding positions.
         features: the items are cached encoder outputs (batched under ``"features"``), not raw media.
+        context_turns: share of batches whose chats each get one or two earlier text-only turns about an
+            image or a clip (:func:`~sensorium.data.synthetic.earlier_turns`, drawn from the sample's key;
+            not trained on), so an adapter learns to work later in a conversation about other media too.
+            Whole batches, so the others are not padded to the longer chats. 0 (default): none.
     """
 
     def __init__(
@@ -75,7 +86,11 @@ class ChatCollator:
         max_len: int = 128,
         pad_id: int = 0,
         features: bool = False,
+        context_turns: float = 0.0,
     ) -> None:
+        if not 0.0 <= context_turns <= 1.0:
+            raise ValueError(f"context_turns is a share in [0, 1], got {context_turns}")
+        self.context_turns = context_turns
         self.tokenizer, self.placeholder_ids = tokenizer, dict(placeholder_ids)
         self.tokens_per_item = dict(tokens_per_item or {})
         self.prompt, self.system, self.max_len, self.pad_id = prompt, system, max_len, pad_id
@@ -83,20 +98,27 @@ class ChatCollator:
         self._text_ids = {tokenizer.placeholder_ids[PLACEHOLDER_OF[m]]: m for m in self.placeholder_ids}
 
     # ------------------------------------------------------------------------------------ per sample
-    def messages(self, sample: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The chat of a sample (caption samples become one user/assistant turn)."""
+    def messages(self, sample: Mapping[str, Any], *, context: bool = False) -> list[dict[str, Any]]:
+        """The chat of a sample (caption samples become one user/assistant turn); ``context``: after earlier
+        text-only turns (see ``context_turns``)."""
         if "messages" in sample:
             msgs = [dict(m) for m in sample["messages"]]
         else:
             marks = "".join(PLACEHOLDER_OF[m] * len(items) for m, items in sample.get("media", {}).items())
             msgs = [{"role": "user", "content": marks + self.prompt}, {"role": "assistant", "content": sample["text"]}]
+        if context:
+            from sensorium.data.synthetic import earlier_turns
+
+            head = 1 if msgs[0]["role"] == "system" else 0
+            msgs = [*msgs[:head], *earlier_turns(_key_rng(sample)), *msgs[head:]]
         if self.system is not None and not (msgs and msgs[0]["role"] == "system"):
             msgs = [{"role": "system", "content": self.system}, *msgs]
         return msgs
 
-    def encode(self, sample: Mapping[str, Any]) -> tuple[list[int], list[int], dict[str, list[Any]]]:
-        """Token ids, labels and the media items kept after truncation."""
-        msgs = self.messages(sample)
+    def encode(self, sample: Mapping[str, Any], *, context: bool = False
+               ) -> tuple[list[int], list[int], dict[str, list[Any]]]:
+        """Token ids, labels and the media items kept after truncation (``context``: see :meth:`messages`)."""
+        msgs = self.messages(sample, context=context)
         render = self.tokenizer.render_chat
         prefixes = [render(msgs[:i], add_generation_prompt=False) for i in range(len(msgs) + 1)]
         ids: list[int] = []
@@ -110,7 +132,8 @@ class ChatCollator:
                 h = self.tokenizer.encode(prompt[len(before):])
                 b = self.tokenizer.encode(after[len(prompt):])
                 ids += h + b
-                labels += [-100] * len(h) + b  # loss on the assistant's words and its end-of-turn token
+                # loss on the assistant's words and its end-of-turn token (not on context answers)
+                labels += [-100] * len(h) + (b if m.get("loss", True) else [-100] * len(b))
             else:
                 t = self.tokenizer.encode(after[len(before):])
                 ids += t
@@ -174,9 +197,10 @@ class ChatCollator:
         rows, media_items = [], {m: [] for m in self.placeholder_ids}
         counts = {m: [] for m in self.placeholder_ids}
         keys, extra = [], []
+        context = bool(good) and self.context_turns > 0 and _key_rng(good[0], 1).random() < self.context_turns
         for s in good:
             try:
-                ids, labels, kept = self.encode(s)
+                ids, labels, kept = self.encode(s, context=context)
             except ValueError as e:
                 bad.append((s.get("__url__", "?"), s.get("__key__", "?"), str(e)))
                 continue

@@ -371,6 +371,29 @@ def instruction_chat(rng: np.random.Generator, placeholder: str, answers: dict[s
     return messages, asks
 
 
+def earlier_turns(rng: np.random.Generator) -> list[dict[str, Any]]:
+    """One or two text-only exchanges about an image or a clip: what stands before a turn later in a chat
+    whose earlier turns were about other media. The answers carry ``"loss": False`` (context, not targets)."""
+
+    def pick(values: Sequence[str]) -> str:
+        return values[int(rng.integers(len(values)))]
+
+    out: list[dict[str, Any]] = []
+    for _ in range(1 + int(rng.random() < 0.4)):
+        if rng.random() < 0.5:
+            attrs = {"colour": pick(list(COLOURS)), "shape": pick(SHAPES), "size": pick(list(SIZES)),
+                     "position": pick(list(POSITIONS))}
+            questions = SHAPES_QUESTIONS
+            answers = {**attrs, "position": POSITION_PHRASES[attrs["position"]], "caption": shapes_caption(attrs)}
+        else:
+            attrs = {"colour": pick(list(COLOURS)), "shape": pick(SHAPES), "direction": pick(list(DIRECTIONS))}
+            questions, answers = MOVING_QUESTIONS, {**attrs, "caption": moving_caption(attrs)}
+        topic = "caption" if rng.random() < 0.5 else pick(list(questions))
+        out += [{"role": "user", "content": pick(questions[topic])},
+                {"role": "assistant", "content": answers[topic], "loss": False}]
+    return out
+
+
 def _jpeg(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=92)

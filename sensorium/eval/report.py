@@ -121,6 +121,13 @@ def _esc(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
+def _context_text(content: Any) -> str:
+    """A context message's content as one line: text, and each medium as ``[kind: file]``."""
+    if isinstance(content, str):
+        return content
+    return " ".join(p["text"] if p["type"] == "text" else f"[{p['type']}: {p[p['type']]}]" for p in content)
+
+
 def render_report(
     summary: Mapping[str, Any],
     predictions: Sequence[Mapping[str, Any]],
@@ -155,6 +162,9 @@ def render_report(
         f"backbone <code>{_esc(summary.get('backbone', ''))}</code></p>",
         f"<p class='meta'>system: <code>{_esc(json.dumps(summary.get('system')))}</code>; timings: {_esc(timings)}</p>",
     ]
+    if summary.get("context"):
+        turns = "".join(f"<li>{_esc(m['role'])}: {_esc(_context_text(m['content']))}</li>" for m in summary["context"])
+        parts.append(f"<p class='meta'>each question follows these turns:</p><ol class='meta'>{turns}</ol>")
     cards: dict[int, list[Mapping[str, Any]]] = {}
     for row in predictions:
         cards.setdefault(row["sample"], []).append(row)

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from sensorium.compose import MEDIA_SCOPES
 from sensorium.errors import SensoriumError
 from sensorium.eval.metrics import MOVING_VOCABULARY, SHAPES_VOCABULARY
 
@@ -83,6 +84,13 @@ class EvalConfig:
         out: output folder (default: ``runs/eval/<task>``).
         device: ``cpu``, ``cuda``, ``cuda:1``..., or ``auto`` (a GPU when there is one).
         report_samples: most sample cards in ``report.html`` (the metrics always cover every sample).
+        context: earlier chat turns put before every question (after the system message), so that each
+            question is asked in a conversation: messages ``{"role": "user" | "assistant", "content": ...}``
+            whose content is text or a list of parts (``{"type": "text", "text": ...}``, ``{"type":
+            "image", "image": PATH}``, likewise ``video`` and ``audio``). Their media need their adapters
+            among ``adapters``; they are encoded once.
+        media_scope: how long text sees an image or clip in a conversation with media of several modalities:
+            ``"until_other"`` (default) or ``"all"`` (see :mod:`sensorium.compose`).
     """
 
     task: str
@@ -100,6 +108,8 @@ class EvalConfig:
     out: str | None = None
     device: str = "cpu"
     report_samples: int | None = 1000
+    context: list[dict] | None = None
+    media_scope: str = "until_other"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -116,6 +126,10 @@ class EvalConfig:
             unknown = [q for q in self.questions if q not in VIDEO_QUESTIONS]
             if unknown or not self.questions:
                 raise EvalConfigError(f"questions: unknown {unknown or '[]'} (known: {', '.join(VIDEO_QUESTIONS)})")
+        if self.media_scope not in MEDIA_SCOPES:
+            raise EvalConfigError(f"media_scope must be one of {', '.join(MEDIA_SCOPES)}, got {self.media_scope!r}")
+        for i, message in enumerate(self.context or []):
+            check_context_message(message, f"context[{i}]")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -174,6 +188,48 @@ class EvalConfig:
         if not isinstance(values, dict):
             raise EvalConfigError(f"{path}: an evaluation recipe is a mapping of keys, found {type(values).__name__}")
         return cls.from_dict({**values, **overrides}, source=str(path))
+
+
+CONTEXT_PARTS = {"text": None, "image": "image", "video": "video", "audio": "speech", "speech": "speech"}
+
+
+def check_context_message(message: Mapping[str, Any], where: str) -> None:
+    """A context message is ``{"role": "user" | "assistant", "content": text | parts}`` (see :class:`EvalConfig`)."""
+    if set(message) != {"role", "content"} or message["role"] not in ("user", "assistant"):
+        raise EvalConfigError(f"{where}: a context message is {{role: user | assistant, content: ...}}, got {message!r}")
+    content = message["content"]
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list) or not content:
+        raise EvalConfigError(f"{where}: content must be text or a list of parts, got {content!r}")
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in CONTEXT_PARTS or not isinstance(part.get(kind), str):
+            raise EvalConfigError(f"{where}: a part is {{type: text | image | video | audio, <type>: text or path}}, "
+                                  f"got {part!r}")
+
+
+def load_context(context: Sequence[Mapping[str, Any]], model: Any,
+                 device: torch.device) -> tuple[list[dict[str, Any]], dict[str, list[torch.Tensor]]]:
+    """The context messages and their media preprocessed per modality (in placeholder order).
+
+    Raises:
+        EvalConfigError: a medium's file is missing or its modality has no adapter among the recipe's.
+    """
+    items: dict[str, list[torch.Tensor]] = {}
+    for i, message in enumerate(context):
+        for part in message["content"] if isinstance(message["content"], list) else []:
+            modality = CONTEXT_PARTS[part["type"]]
+            if modality is None:
+                continue
+            path = Path(part[part["type"]])
+            if not path.is_file():
+                raise EvalConfigError(f"context[{i}]: {path}: no such file")
+            if modality not in model.adapters:
+                raise EvalConfigError(f"context[{i}]: {path} is {modality} media, but no {modality} adapter is "
+                                      f"among the recipe's adapters")
+            items.setdefault(modality, []).append(model.preprocess(modality, [str(path)])[0].to(device))
+    return [dict(m) for m in context], items
 
 
 def _has_type(value: Any, hint: Any) -> bool:
@@ -321,8 +377,8 @@ class SkipSample(Exception):
 
 
 def questions_for(sample: Mapping[str, Any], index: int, config: EvalConfig, prompt: str,
-                  system: str | None) -> list[Question]:
-    """The questions one decoded sample asks for ``config.task``.
+                  system: str | None, context: Sequence[dict[str, Any]] = ()) -> list[Question]:
+    """The questions one decoded sample asks for ``config.task`` (after the ``context`` messages).
 
     Raises:
         SkipSample: the sample has no reference for this task, or its placeholders do not match its media.
@@ -338,7 +394,7 @@ def questions_for(sample: Mapping[str, Any], index: int, config: EvalConfig, pro
     sys_msgs = [] if system is None else [{"role": "system", "content": system}]
 
     def turn(text: str) -> list[dict[str, Any]]:
-        return [*sys_msgs, {"role": "user", "content": marks + text}]
+        return [*sys_msgs, *context, {"role": "user", "content": marks + text}]
 
     if config.task == "video_qa":
         if attrs is None:
@@ -369,6 +425,8 @@ def questions_for(sample: Mapping[str, Any], index: int, config: EvalConfig, pro
             raise SkipSample("its answer is empty")
         if system is not None and msgs[0]["role"] != "system":
             msgs = [*sys_msgs, *msgs]
+        head = 1 if msgs[0]["role"] == "system" else 0
+        msgs = [*msgs[:head], *context, *msgs[head:]]
         user = [m["content"] for m in msgs if m["role"] == "user"]
         text = user[-1].replace(PLACEHOLDER[modality], "") if user else ""
         return [Question(**base, messages=msgs, prompt=text, reference=reference)]
@@ -381,18 +439,25 @@ def questions_for(sample: Mapping[str, Any], index: int, config: EvalConfig, pro
 
 
 def answer(model: Any, questions: Sequence[Question], modality: str, *, max_new_tokens: int,
-           device: torch.device) -> list[str]:
-    """Greedy answers to a batch of questions (media encoded once per batch)."""
+           device: torch.device, context_items: Mapping[str, Sequence[torch.Tensor]] | None = None) -> list[str]:
+    """Greedy answers to a batch of questions (media encoded once per batch); ``context_items``: the media of
+    the context messages before each question, per modality (see :func:`load_context`)."""
     from sensorium.compose import stack_items
 
-    prompts, items, counts = [], [], []
+    context_items = context_items or {}
+    modalities = list(dict.fromkeys([*context_items, modality]))
+    prompts: list[list[int]] = []
+    items: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    counts: dict[str, list[int]] = {m: [] for m in modalities}
     for q in questions:
-        own = [x.to(device) for x in q.items]
+        own = {m: list(context_items.get(m, [])) for m in modalities}  # the context's media come first
+        own[modality] += [x.to(device) for x in q.items]
         ids = model.tokenizer.apply_chat_template(q.messages)
-        prompts.append(model.expand_placeholders(ids, {modality: own}))
-        items += own
-        counts.append(len(own))
-    media = {modality: {"inputs": stack_items(items), "counts": counts}}
+        prompts.append(model.expand_placeholders(ids, own))
+        for m in modalities:
+            items[m] += own[m]
+            counts[m].append(len(own[m]))
+    media = {m: {"inputs": stack_items(items[m]), "counts": counts[m]} for m in modalities if items[m]}
     out = model.generate_ids(prompts, media, max_new_tokens=max_new_tokens)
     return [model.tokenizer.decode(o).strip() for o in out]
 
@@ -458,8 +523,11 @@ def score(task: str, rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, float
 
 
 # ------------------------------------------------------------------------------------------- running
-def evaluate(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
+def evaluate(config: EvalConfig, *, progress: bool = True, model: Any = None) -> dict[str, Any]:
     """Run an evaluation recipe; write ``metrics.json``, ``predictions.jsonl`` and ``report.html`` to its ``out``.
+
+    ``model``: a :class:`~sensorium.compose.ComposedModel` already composed from the recipe's backbone and
+    adapters (with a tokenizer), to reuse across evaluations; by default the recipe's are loaded.
 
     Returns:
         The content of ``metrics.json``.
@@ -476,15 +544,21 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     from sensorium.eval.report import render_report, status
 
     t_start = time.perf_counter()
-    check_adapters(config)
+    manifests = check_adapters(config)
     urls = data_urls(config)
     backbone_path = embedded_backbone_path() if config.backbone == "embedded" else Path(config.backbone)
-    tokenizer = load_tokenizer(config.tokenizer or backbone_path)
     device = resolve_device(config.device)
-    model = compose(load_backbone(backbone_path), list(config.adapters), tokenizer=tokenizer).eval().to(device)
+    if model is None:
+        model = compose(load_backbone(backbone_path), list(config.adapters),
+                        tokenizer=load_tokenizer(config.tokenizer or backbone_path), media_scope=config.media_scope)
+    elif sorted(model.adapters) != sorted(m["modality"] for m in manifests.values()):
+        raise EvalConfigError(f"the model given composes {', '.join(sorted(model.adapters))}; the recipe's adapters "
+                              f"are {', '.join(sorted(m['modality'] for m in manifests.values()))}")
+    model = model.eval().to(device)
     modality = config.modality
     prompt, system = resolve_prompt(config, model.adapters[modality].manifest_data)
     max_new_tokens = config.max_new_tokens or MAX_NEW_TOKENS[config.task]
+    context, context_items = load_context(config.context or [], model, device)
     t_loaded = time.perf_counter()
 
     stream = sample_pipeline(urls, make_decoder(modality, model.encoders[modality]), shuffle=0,
@@ -503,7 +577,8 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     def flush(batch: list[Question]) -> None:
         nonlocal generate_s
         t = time.perf_counter()
-        answers = answer(model, batch, modality, max_new_tokens=max_new_tokens, device=device)
+        answers = answer(model, batch, modality, max_new_tokens=max_new_tokens, device=device,
+                         context_items=context_items)
         generate_s += time.perf_counter() - t
         for q, a in zip(batch, answers, strict=True):
             row = {"sample": q.sample, "key": q.key, "url": q.url, "task": config.task, "prompt": q.prompt,
@@ -518,7 +593,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     for sample in bar:
         if "__bad__" not in sample:
             try:
-                asked = questions_for(sample, samples, config, prompt, system)
+                asked = questions_for(sample, samples, config, prompt, system, context)
             except SkipSample as e:
                 sample = {**sample, "__bad__": f"{sample['__url__']}:{sample['__key__']}: {e}"}
         if "__bad__" in sample:
@@ -548,6 +623,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
         "task": config.task, "metrics": metrics, "n": len(rows), "samples": samples, "skipped": len(skipped),
         "adapters": [str(a) for a in config.adapters], "backbone": str(backbone_path),
         "data": str(Path(urls[0]).parent), "prompt": prompt, "system": system, "max_new_tokens": max_new_tokens,
+        "context": context, "media_scope": config.media_scope,
         "timings": {
             "load_s": t_loaded - t_start, "decode_s": t_answered - t_loaded - generate_s, "generate_s": generate_s,
             "score_s": t_scored - t_answered, "total_s": t_scored - t_start,

@@ -142,7 +142,8 @@ class ShardDataModule(L.LightningDataModule):
     def _loader(self, split: str, *, train: bool) -> DataLoader:
         trainer = self.trainer
         module = trainer.lightning_module
-        collate = module.collator()
+        training_collator = getattr(module, "training_collator", None)  # training-only augmentation, if any
+        collate = training_collator() if train and training_collator else module.collator()
         if self.hparams.features:
             feature_cache.check_features(self.hparams.features, module.model.encoders[module.modality])
             root, decode = Path(self.hparams.features), module.feature_decoder()

@@ -105,6 +105,10 @@ class AdapterModule(L.LightningModule):
 
         return FeatureSampleDecoder(self.modality)
 
+    def training_collator(self) -> ChatCollator:
+        """The collator of training batches (:meth:`collator`, with any training-only augmentation)."""
+        return self.collator()
+
     def collator(self) -> ChatCollator:
         """Decoded samples → :class:`Batch` (placeholders expanded for this adapter)."""
         return ChatCollator(

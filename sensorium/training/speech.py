@@ -188,6 +188,9 @@ class SpeechAdapterModule(AdapterModule):
         init_adapter: start from this speech adapter folder.
         max_bad_fraction: fail when more of the training samples than this were unreadable.
         eval_max_new_tokens: tokens generated per test sample.
+        context_turns: share of training chats that start with one or two earlier text-only turns about an
+            image or a clip (not trained on), so the adapter also transcribes later in a conversation about
+            other media (see :class:`~sensorium.data.collate.ChatCollator`); validation and test chats have none.
     """
 
     modality = "speech"
@@ -210,6 +213,7 @@ class SpeechAdapterModule(AdapterModule):
         init_adapter: str | None = None,
         max_bad_fraction: float = 0.05,
         eval_max_new_tokens: int = 24,
+        context_turns: float = 0.0,
     ) -> None:
         super().__init__()
         spec = self._save_config(encoder, SpeechEncoderSpec, PRETRAIN_RECIPE)
@@ -238,6 +242,11 @@ class SpeechAdapterModule(AdapterModule):
             tokens_per_item={"speech": SpeechPositions(self.model.encoders["speech"].spec.stack, self.adapter.config.stride)},
             prompt=self.hparams.prompt, system=self.hparams.system, max_len=self.hparams.max_len,
         )
+
+    def training_collator(self) -> ChatCollator:
+        collate = self.collator()
+        collate.context_turns = self.hparams.context_turns
+        return collate
 
     def score(self, results: list[dict[str, Any]]) -> dict[str, float]:
         """WER (normalised, jiwer) on ASR answers; BLEU (sacrebleu) on translations."""

@@ -1,5 +1,6 @@
 """Collator: chat prompts with placeholders, labels on assistant turns only, truncation around media."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -37,6 +38,30 @@ def test_multi_turn_messages_label_every_assistant_turn():
     labelled = [y for y in b.labels[0].tolist() if y != -100]
     tok = c.tokenizer
     assert labelled == tok.encode("a circle .") + [2] + tok.encode("\n") + tok.encode("w1 .") + [2] + tok.encode("\n")
+
+
+def test_context_turns_come_first_and_only_the_samples_answer_is_trained_on():
+    c = _collator(tokens_per_item={"image": 1}, prompt="what is this ?", context_turns=1.0)
+    sample = {"text": "a red circle .", "media": {"image": [torch.zeros(3, 2, 2)]}, "__key__": "k7"}
+    plain, msgs = c.messages(sample), c.messages(sample, context=True)
+    assert msgs[0] == {"role": "system", "content": ""} and msgs[-2:] == plain[-2:] and len(plain) == 3
+    earlier = msgs[1:-2]
+    assert len(earlier) in (2, 4) and [m["role"] for m in earlier] == ["user", "assistant"] * (len(earlier) // 2)
+    assert all(m["loss"] is False for m in earlier[1::2]) and c.messages(sample, context=True) == msgs  # fixed per key
+    with_context, without = c([sample]), _collator(tokens_per_item={"image": 1}, prompt="what is this ?")([sample])
+    assert with_context.tokens.shape[1] > without.tokens.shape[1]
+    assert [y for y in with_context.labels[0].tolist() if y != -100] == [y for y in without.labels[0].tolist() if y != -100]
+
+
+def test_context_turns_are_drawn_per_batch():
+    half = _collator(context_turns=0.5)
+    batches = [[{"text": "a .", "__key__": f"k{i}-{j}"} for j in range(4)] for i in range(300)]
+    lengths = [half(b).tokens.shape for b in batches]
+    plain = [_collator()(b).tokens.shape for b in batches]
+    longer = [n != p for n, p in zip(lengths, plain, strict=True)]
+    assert 0.4 < sum(longer) / len(longer) < 0.6
+    with pytest.raises(ValueError, match="context_turns is a share in"):
+        _collator(context_turns=1.5)
 
 
 def test_bad_samples_are_skipped_and_reported():

@@ -238,6 +238,72 @@ def test_video_caption_and_qa(setup):
     _check_report(html, metrics, 3)  # one card (one strip of frames) per clip, its two questions inside
 
 
+def _context_media(root: Path) -> tuple[Path, Path]:
+    """A clip and an utterance of the test sets, written as files for a recipe's context."""
+    clip, wav = root / "context-clip.mp4", root / "context-speech.flac"
+    clip.write_bytes(next(d for n, d in _members(next((root / "moving/test").glob("*.tar"))) if n.endswith(".mp4")))
+    wav.write_bytes(next(d for n, d in _members(next((root / "spoken/test").glob("*.tar"))) if n.endswith(".flac")))
+    return clip, wav
+
+
+def test_questions_asked_after_context_turns_answer_as_generate_does_in_that_chat(setup):
+    """With ``context``, every image question follows a clip turn and a speech turn (their media encoded once);
+    each answer equals ComposedModel.generate on the whole conversation."""
+    root = setup["root"]
+    media_counts = []
+    original = ComposedModel.generate_ids
+
+    def spy(self, prompts, media=None, **kwargs):
+        media_counts.append({m: list(e["counts"]) for m, e in media.items()})
+        return original(self, prompts, media, **kwargs)
+
+    clip, wav = _context_media(root)
+    adapters = [str(root / f"{m}-adapter") for m in ("image", "video", "speech")]
+    context = [
+        {"role": "user", "content": [{"type": "video", "video": str(clip)}, {"type": "text", "text": "Describe the video."}]},
+        {"role": "assistant", "content": "a red circle moving up"},
+        {"role": "user", "content": [{"type": "audio", "audio": str(wav)}, {"type": "text", "text": "Repeat after me:"}]},
+        {"role": "assistant", "content": "three one four"},
+    ]
+    config = EvalConfig.from_yaml(_config(setup, "image_in_chat", task="image_caption", adapters=adapters,
+                                          data=str(root / "shapes_eval"), context=context))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ComposedModel, "generate_ids", spy)
+        summary = evaluate(config, progress=False)
+    metrics, rows, html = _outputs(root / "out/image_in_chat")
+    assert metrics["context"] == context and summary["n"] == IMAGE_GOOD == len(rows)
+    assert "each question follows these turns" in html and f"[video: {clip}]" in html
+    model = sensorium.compose(load_backbone(setup["backbone"]), adapters, tokenizer=load_tokenizer(setup["backbone"]))
+    images = {n[: -len(".jpg")]: Image.open(io.BytesIO(d)) for n, d in _members(root / "shapes_eval/test/shard-000000.tar")
+              if n.endswith(".jpg") and not n.startswith("bad")}
+    for r in rows:
+        chat = [*context, {"role": "user", "content": [{"type": "image", "image": images[r["key"]]},
+                                                        {"type": "text", "text": "Describe the image."}]}]
+        assert model.generate(chat, system="", max_new_tokens=5).strip() == r["prediction"]
+    # not vacuous: the batched run did put the clip and the utterance before every image
+    assert [counts for counts in media_counts] == [{"video": [1] * 3, "speech": [1] * 3, "image": [1] * 3},
+                                                   {"video": [1] * 2, "speech": [1] * 2, "image": [1] * 2}]
+
+
+def test_a_composed_model_can_be_reused_across_evaluations(setup):
+    root = setup["root"]
+    adapters = [str(root / "image-adapter"), str(root / "speech-adapter")]
+    model = sensorium.compose(load_backbone(setup["backbone"]), adapters, tokenizer=load_tokenizer(setup["backbone"]))
+    runs = {}
+    for name, given in (("loaded", None), ("reused", model)):
+        config = EvalConfig.from_yaml(_config(setup, f"image_{name}", task="image_caption", adapters=adapters,
+                                              data=str(root / "shapes_eval")))
+        runs[name] = evaluate(config, progress=False, model=given)
+        assert evaluate(EvalConfig.from_yaml(_config(setup, f"asr_{name}", task="asr", adapters=adapters,
+                                                     data=str(root / "spoken"))), progress=False, model=given)["n"] == 5
+    assert runs["loaded"]["metrics"] == runs["reused"]["metrics"] and runs["reused"]["n"] == IMAGE_GOOD
+    loaded, reused = ((root / f"out/image_{n}/predictions.jsonl").read_text() for n in ("loaded", "reused"))
+    assert loaded == reused
+    with pytest.raises(EvalConfigError, match="the model given composes image, speech; the recipe's adapters are image"):
+        evaluate(EvalConfig.from_yaml(_config(setup, "image_other", task="image_caption", adapters=adapters[:1],
+                                              data=str(root / "shapes_eval"))), progress=False, model=model)
+
+
 def test_cli_overrides_out_and_max_samples(setup):
     root = setup["root"]
     config = _config(setup, "image_small", task="image_caption", adapters=[str(root / "image-adapter")],
@@ -258,21 +324,29 @@ def test_cli_overrides_out_and_max_samples(setup):
     ({"max_samples": 0}, "max_samples must be a positive integer, got 0"),
     ({"task": "asr"}, "task asr needs a speech adapter; adapters: {root}/image-adapter (image)"),
     ({"data": "{root}/shapes_gone"}, "{root}/shapes_gone: no such data folder"),
+    ({"context": [{"role": "user", "content": [{"type": "video", "video": "{root}/moving/test"}]}]},
+     "context[0]: {root}/moving/test: no such file"),
+    ({"context": [{"role": "user", "content": [{"type": "audio", "audio": "{root}/shapes_eval/test/shard-000000.tar"}]}]},
+     "context[0]: {root}/shapes_eval/test/shard-000000.tar is speech media, but no speech adapter is among the "
+     "recipe's adapters"),
+    ({"context": [{"role": "robot", "content": "hi"}]}, "context[0]: a context message is {role: user | assistant"),
+    ({"context": [{"role": "user", "content": [{"type": "smell", "smell": "x"}]}]},
+     "context[0]: a part is {type: text | image | video | audio"),
+    ({"media_scope": "latest"}, "media_scope must be one of until_other, all, got 'latest'"),
     ({"data": "{root}/shapes"}, None),  # fine: the generated set's test split (not run: see below)
 ])
 def test_input_errors_are_one_line(setup, capsys, change, message):
     root = setup["root"]
     values = {"task": "image_caption", "adapters": [str(root / "image-adapter")], "data": str(root / "shapes_eval"),
               "backbone": str(setup["backbone"])}
-    values.update({k: (v.format(root=root) if isinstance(v, str) else [x.format(root=root) for x in v]
-                       if isinstance(v, list) else v) for k, v in change.items()})
+    values.update({k: json.loads(json.dumps(v).replace("{root}", str(root))) for k, v in change.items()})
     if message is None:
         assert EvalConfig.from_dict(values).data == str(root / "shapes")
         return
     rc = main(["eval", "--config", str(_recipe(root, "bad", **values))])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith("sensorium: error: ") and message.format(root=root) in err, err
+    assert err.startswith("sensorium: error: ") and message.replace("{root}", str(root)) in err, err
 
 
 def test_missing_recipe_and_missing_keys(tmp_path):
