@@ -623,7 +623,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, model: Any = None) ->
         "task": config.task, "metrics": metrics, "n": len(rows), "samples": samples, "skipped": len(skipped),
         "adapters": [str(a) for a in config.adapters], "backbone": str(backbone_path),
         "data": str(Path(urls[0]).parent), "prompt": prompt, "system": system, "max_new_tokens": max_new_tokens,
-        "context": context, "media_scope": config.media_scope,
+        "context": context, "media_scope": model.media_scope,
         "timings": {
             "load_s": t_loaded - t_start, "decode_s": t_answered - t_loaded - generate_s, "generate_s": generate_s,
             "score_s": t_scored - t_answered, "total_s": t_scored - t_start,
