@@ -188,9 +188,10 @@ class SpeechAdapterModule(AdapterModule):
         init_adapter: start from this speech adapter folder.
         max_bad_fraction: fail when more of the training samples than this were unreadable.
         eval_max_new_tokens: tokens generated per test sample.
-        context_turns: share of training chats that start with one or two earlier text-only turns about an
-            image or a clip (not trained on), so the adapter also transcribes later in a conversation about
-            other media (see :class:`~sensorium.data.collate.ChatCollator`); validation and test chats have none.
+        context_turns: share of training batches whose chats start with one or two earlier text-only turns
+            about an image or a clip (not trained on), so the adapter also transcribes later in a conversation
+            about other media (see :class:`~sensorium.data.collate.ChatCollator`); validation and test chats
+            have none.
     """
 
     modality = "speech"
