@@ -443,7 +443,7 @@ def media_dim(adapter: nn.Module) -> int | None:
 
 def check_media_scope(scope: str) -> str:
     if scope not in MEDIA_SCOPES:
-        raise ValueError(f"media_scope must be one of {', '.join(map(repr, MEDIA_SCOPES))}, got {scope!r}")
+        raise ValueError(f"media_scope must be one of {', '.join(MEDIA_SCOPES)}, got {scope!r}")
     return scope
 
 

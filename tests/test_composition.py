@@ -236,7 +236,7 @@ def test_other_media_start_hand_worked():
     video = other_media_start(tokens, ph, "video", torch.tensor([[7], [8]]))
     assert video.tolist() == [[9], [big]]
     with pytest.raises(ValueError, match="media_scope must be one of"):
-        _compose_scope = sensorium.compose(tiny_backbone(), [], media_scope="latest")  # noqa: F841
+        sensorium.compose(tiny_backbone(), [], media_scope="latest")
 
 
 # ------------------------------------------------------------------------------ (c) generate(messages)

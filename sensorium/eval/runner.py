@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from sensorium.compose import MEDIA_SCOPES
+from sensorium.compose import PART_TYPES, check_media_scope
 from sensorium.errors import SensoriumError
 from sensorium.eval.metrics import MOVING_VOCABULARY, SHAPES_VOCABULARY
 
@@ -126,8 +126,10 @@ class EvalConfig:
             unknown = [q for q in self.questions if q not in VIDEO_QUESTIONS]
             if unknown or not self.questions:
                 raise EvalConfigError(f"questions: unknown {unknown or '[]'} (known: {', '.join(VIDEO_QUESTIONS)})")
-        if self.media_scope not in MEDIA_SCOPES:
-            raise EvalConfigError(f"media_scope must be one of {', '.join(MEDIA_SCOPES)}, got {self.media_scope!r}")
+        try:
+            check_media_scope(self.media_scope)
+        except ValueError as e:
+            raise EvalConfigError(str(e)) from None
         for i, message in enumerate(self.context or []):
             check_context_message(message, f"context[{i}]")
         if self.device != "auto":
@@ -190,7 +192,7 @@ class EvalConfig:
         return cls.from_dict({**values, **overrides}, source=str(path))
 
 
-CONTEXT_PARTS = {"text": None, "image": "image", "video": "video", "audio": "speech", "speech": "speech"}
+CONTEXT_PARTS = {"text": None, **PART_TYPES}  # message part type → modality (None: text)
 
 
 def check_context_message(message: Mapping[str, Any], where: str) -> None:
