@@ -26,6 +26,8 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert "One conversation, three media" in index
     for name in ("image_alone", "image_composed", "video_alone", "speech_composed", "speech_in_a_chat"):
         assert (tmp_path / "demo/reports" / name / "report.html").is_file()
+    recipe = json.loads((tmp_path / "demo/runs/speech/adapter/manifest.json").read_text())["recipe"]
+    assert recipe["context_turns"] == 0.25 and recipe["max_len"] == 160  # speech also trained later in a chat
     metrics = json.loads((tmp_path / "demo/reports/speech_in_a_chat/metrics.json").read_text())
     assert [m["role"] for m in metrics["context"]] == ["user", "assistant"] * 2  # an image turn, then a clip turn
     print(f"quick demo: {minutes:.1f} min")

@@ -69,10 +69,10 @@ class ChatCollator:
         max_len: longest sequence in tokens.
         pad_id: id for padding positions.
         features: the items are cached encoder outputs (batched under ``"features"``), not raw media.
-        context_turns: share of batches whose chats each get one or two earlier text-only turns about an
-            image or a clip (:func:`~sensorium.data.synthetic.earlier_turns`, drawn from the sample's key;
-            not trained on), so an adapter learns to work later in a conversation about other media too.
-            Whole batches, so the others are not padded to the longer chats. 0 (default): none.
+        context_turns: share of batches whose chats each get one or two earlier text-only turns about media
+            of the other modalities (:func:`~sensorium.data.synthetic.earlier_turns`, drawn from the
+            sample's key; not trained on), so an adapter learns to work later in a conversation about other
+            media too. Whole batches, so the others are not padded to the longer chats. 0 (default): none.
     """
 
     def __init__(
@@ -95,6 +95,8 @@ class ChatCollator:
         self.tokens_per_item = dict(tokens_per_item or {})
         self.prompt, self.system, self.max_len, self.pad_id = prompt, system, max_len, pad_id
         self.features = features
+        others = tuple(m for m in ("image", "video", "speech") if m not in self.placeholder_ids)
+        self.earlier_kinds = others or ("image", "video", "speech")  # what earlier turns are about
         self._text_ids = {tokenizer.placeholder_ids[PLACEHOLDER_OF[m]]: m for m in self.placeholder_ids}
 
     # ------------------------------------------------------------------------------------ per sample
@@ -110,7 +112,7 @@ class ChatCollator:
             from sensorium.data.synthetic import earlier_turns
 
             head = 1 if msgs[0]["role"] == "system" else 0
-            msgs = [*msgs[:head], *earlier_turns(_key_rng(sample)), *msgs[head:]]
+            msgs = [*msgs[:head], *earlier_turns(_key_rng(sample), self.earlier_kinds), *msgs[head:]]
         if self.system is not None and not (msgs and msgs[0]["role"] == "system"):
             msgs = [{"role": "system", "content": self.system}, *msgs]
         return msgs

@@ -371,24 +371,34 @@ def instruction_chat(rng: np.random.Generator, placeholder: str, answers: dict[s
     return messages, asks
 
 
-def earlier_turns(rng: np.random.Generator) -> list[dict[str, Any]]:
-    """One or two text-only exchanges about an image or a clip: what stands before a turn later in a chat
-    whose earlier turns were about other media. The answers carry ``"loss": False`` (context, not targets)."""
+def earlier_turns(rng: np.random.Generator, kinds: Sequence[str] = ("image", "video")) -> list[dict[str, Any]]:
+    """One or two text-only exchanges about media of ``kinds`` (``"image"``: a shapes image, ``"video"``: a
+    moving-shapes clip, ``"speech"``: spoken words, transcribed or translated): what stands before a turn
+    later in a chat whose earlier turns were about other media. The answers carry ``"loss": False``
+    (context, not targets)."""
 
     def pick(values: Sequence[str]) -> str:
         return values[int(rng.integers(len(values)))]
 
+    unknown = sorted(set(kinds) - {"image", "video", "speech"})
+    if unknown or not kinds:
+        raise ValueError(f"earlier turns are about image, video or speech, got {list(kinds)}")
     out: list[dict[str, Any]] = []
     for _ in range(1 + int(rng.random() < 0.4)):
-        if rng.random() < 0.5:
+        kind = kinds[int(rng.random() * len(kinds))]
+        if kind == "image":
             attrs = {"colour": pick(list(COLOURS)), "shape": pick(SHAPES), "size": pick(list(SIZES)),
                      "position": pick(list(POSITIONS))}
             questions = SHAPES_QUESTIONS
             answers = {**attrs, "position": POSITION_PHRASES[attrs["position"]], "caption": shapes_caption(attrs)}
-        else:
+        elif kind == "video":
             attrs = {"colour": pick(list(COLOURS)), "shape": pick(SHAPES), "direction": pick(list(DIRECTIONS))}
             questions, answers = MOVING_QUESTIONS, {**attrs, "caption": moving_caption(attrs)}
-        topic = "caption" if rng.random() < 0.5 else pick(list(questions))
+        else:
+            words = spoken_words_transcript(rng)[1]
+            questions = {t: SPEECH_QUESTIONS[t] for t in ("transcript", "translation")}
+            answers = {"transcript": " ".join(words), "translation": french_translation(words)}
+        topic = "caption" if kind != "speech" and rng.random() < 0.5 else pick(list(questions))
         out += [{"role": "user", "content": pick(questions[topic])},
                 {"role": "assistant", "content": answers[topic], "loss": False}]
     return out

@@ -106,8 +106,11 @@ class AdapterModule(L.LightningModule):
         return FeatureSampleDecoder(self.modality)
 
     def training_collator(self) -> ChatCollator:
-        """The collator of training batches (:meth:`collator`, with any training-only augmentation)."""
-        return self.collator()
+        """The collator of training batches: :meth:`collator` with the ``context_turns`` share of chats
+        started by earlier text-only turns about other media (validation and test chats have none)."""
+        collate = self.collator()
+        collate.context_turns = self.hparams.get("context_turns", 0.0)
+        return collate
 
     def collator(self) -> ChatCollator:
         """Decoded samples → :class:`Batch` (placeholders expanded for this adapter)."""
@@ -278,6 +281,8 @@ class ImageAdapterModule(AdapterModule):
         init_adapter: start from this adapter folder (evaluation or further training).
         max_bad_fraction: fail when more of the training samples than this were unreadable.
         eval_max_new_tokens: tokens generated per test sample.
+        context_turns: share of training batches whose chats start with one or two text-only turns about
+            other media (see :meth:`AdapterModule.training_collator`).
     """
 
     modality = "image"
@@ -303,6 +308,7 @@ class ImageAdapterModule(AdapterModule):
         init_adapter: str | None = None,
         max_bad_fraction: float = 0.05,
         eval_max_new_tokens: int = 16,
+        context_turns: float = 0.0,
     ) -> None:
         super().__init__()
         encoder = self._save_config(encoder)
@@ -361,6 +367,8 @@ class VideoAdapterModule(AdapterModule):
         init_adapter: start from this video adapter folder (evaluation or further training).
         max_bad_fraction: fail when more of the training samples than this were unreadable.
         eval_max_new_tokens: tokens generated per test sample.
+        context_turns: share of training batches whose chats start with one or two text-only turns about
+            other media (see :meth:`AdapterModule.training_collator`).
     """
 
     modality = "video"
@@ -394,6 +402,7 @@ class VideoAdapterModule(AdapterModule):
         init_adapter: str | None = None,
         max_bad_fraction: float = 0.05,
         eval_max_new_tokens: int = 16,
+        context_turns: float = 0.0,
     ) -> None:
         super().__init__()
         encoder = self._save_config(encoder)

@@ -188,10 +188,9 @@ class SpeechAdapterModule(AdapterModule):
         init_adapter: start from this speech adapter folder.
         max_bad_fraction: fail when more of the training samples than this were unreadable.
         eval_max_new_tokens: tokens generated per test sample.
-        context_turns: share of training batches whose chats start with one or two earlier text-only turns
-            about an image or a clip (not trained on), so the adapter also transcribes later in a conversation
-            about other media (see :class:`~sensorium.data.collate.ChatCollator`); validation and test chats
-            have none.
+        context_turns: share of training batches whose chats start with one or two text-only turns about
+            images or clips (not trained on), so the adapter also transcribes later in a conversation about
+            other media (see :meth:`~sensorium.training.modules.AdapterModule.training_collator`).
     """
 
     modality = "speech"
@@ -243,11 +242,6 @@ class SpeechAdapterModule(AdapterModule):
             tokens_per_item={"speech": SpeechPositions(self.model.encoders["speech"].spec.stack, self.adapter.config.stride)},
             prompt=self.hparams.prompt, system=self.hparams.system, max_len=self.hparams.max_len,
         )
-
-    def training_collator(self) -> ChatCollator:
-        collate = self.collator()
-        collate.context_turns = self.hparams.context_turns
-        return collate
 
     def score(self, results: list[dict[str, Any]]) -> dict[str, float]:
         """WER (normalised, jiwer) on ASR answers; BLEU (sacrebleu) on translations."""

@@ -1,11 +1,13 @@
 """Collator: chat prompts with placeholders, labels on assistant turns only, truncation around media."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sensorium.data.collate import ChatCollator
+from sensorium.data.synthetic import DIGITS, FRENCH, WORDS
 from tests.test_compose import word_tokenizer
 
 PH = 512
@@ -51,6 +53,27 @@ def test_context_turns_come_first_and_only_the_samples_answer_is_trained_on():
     with_context, without = c([sample]), _collator(tokens_per_item={"image": 1}, prompt="what is this ?")([sample])
     assert with_context.tokens.shape[1] > without.tokens.shape[1]
     assert [y for y in with_context.labels[0].tolist() if y != -100] == [y for y in without.labels[0].tolist() if y != -100]
+
+
+def test_earlier_turns_are_about_the_other_modalities():
+    from sensorium.data.synthetic import MOVING_QUESTIONS, SHAPES_QUESTIONS, SPEECH_QUESTIONS, earlier_turns
+
+    def asked(questions):
+        return {q for forms in questions.values() for q in forms}
+
+    image_only = asked(SHAPES_QUESTIONS) - asked(MOVING_QUESTIONS)
+    video_only, speech = asked(MOVING_QUESTIONS) - asked(SHAPES_QUESTIONS), asked(SPEECH_QUESTIONS)
+    c = _collator(context_turns=1.0)  # an image collator: earlier turns about clips and speech
+    assert c.earlier_kinds == ("video", "speech")
+    earlier = [c.messages({"text": "a .", "__key__": f"k{i}"}, context=True)[1:-2] for i in range(200)]
+    questions = [m["content"] for turns in earlier for m in turns if m["role"] == "user"]
+    assert not image_only & set(questions) and video_only & set(questions) and speech & set(questions)
+    turns = [earlier_turns(np.random.default_rng(i), ("speech",)) for i in range(50)]
+    answers = [m["content"] for t in turns for m in t[1::2]]
+    assert all(m["content"] in speech for t in turns for m in t[0::2])
+    assert all(set(a.split()) <= set(DIGITS) | set(WORDS) | set(FRENCH.values()) for a in answers)
+    with pytest.raises(ValueError, match="image, video or speech"):
+        earlier_turns(np.random.default_rng(0), ("text",))
 
 
 def test_context_turns_are_drawn_per_batch():

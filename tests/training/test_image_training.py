@@ -160,3 +160,14 @@ def test_training_on_cached_features_gives_the_same_loss_curve(tiny_setup, capsy
     shard = "train/shard-000000.tar"
     first = npy_members(feats / shard)
     assert len(first) == 40 and npy_members(root / "features2" / shard) == first
+
+
+def test_context_turns_reach_the_training_collator_only(tmp_path):
+    from sensorium.encoders import ImageEncoderSpec
+    from sensorium.training import ImageAdapterModule
+
+    module = ImageAdapterModule(backbone=str(tiny_backbone_folder(tmp_path / "bb")), every=1, context_turns=0.3,
+                                encoder=ImageEncoderSpec(name="resnet10t", image_size=32))
+    assert module.training_collator().context_turns == 0.3 and module.collator().context_turns == 0.0
+    assert module.training_collator().earlier_kinds == ("video", "speech")
+
