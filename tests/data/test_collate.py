@@ -7,7 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sensorium.data.collate import ChatCollator
-from sensorium.data.synthetic import DIGITS, FRENCH, WORDS
+from sensorium.data.synthetic import (
+    DIGITS,
+    FRENCH,
+    MOVING_QUESTIONS,
+    SHAPES_QUESTIONS,
+    SPEECH_QUESTIONS,
+    WORDS,
+    earlier_turns,
+)
 from tests.test_compose import word_tokenizer
 
 PH = 512
@@ -56,8 +64,6 @@ def test_context_turns_come_first_and_only_the_samples_answer_is_trained_on():
 
 
 def test_earlier_turns_are_about_the_other_modalities():
-    from sensorium.data.synthetic import MOVING_QUESTIONS, SHAPES_QUESTIONS, SPEECH_QUESTIONS, earlier_turns
-
     def asked(questions):
         return {q for forms in questions.values() for q in forms}
 
