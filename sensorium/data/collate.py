@@ -95,8 +95,8 @@ class ChatCollator:
         self.tokens_per_item = dict(tokens_per_item or {})
         self.prompt, self.system, self.max_len, self.pad_id = prompt, system, max_len, pad_id
         self.features = features
-        others = tuple(m for m in ("image", "video", "speech") if m not in self.placeholder_ids)
-        self.earlier_kinds = others or ("image", "video", "speech")  # what earlier turns are about
+        others = tuple(m for m in PLACEHOLDER_OF if m not in self.placeholder_ids)
+        self.earlier_kinds = others or tuple(PLACEHOLDER_OF)  # what earlier turns are about
         self._text_ids = {tokenizer.placeholder_ids[PLACEHOLDER_OF[m]]: m for m in self.placeholder_ids}
 
     # ------------------------------------------------------------------------------------ per sample
