@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from sensorium.backbone.generate import check_contrastive_alpha
 from sensorium.compose import PART_TYPES, check_media_scope
 from sensorium.errors import SensoriumError
 from sensorium.eval.metrics import MOVING_VOCABULARY, SHAPES_VOCABULARY
@@ -91,6 +92,8 @@ class EvalConfig:
             among ``adapters``; they are encoded once.
         media_scope: how long text sees an image or clip in a conversation with media of several modalities:
             ``"until_other"`` (default) or ``"all"`` (see :mod:`sensorium.compose`).
+        contrastive_alpha: contrastive decoding weight α (0, the default, is plain greedy decoding; see
+            :meth:`sensorium.compose.ComposedModel.generate_ids`).
     """
 
     task: str
@@ -110,6 +113,7 @@ class EvalConfig:
     report_samples: int | None = 1000
     context: list[dict] | None = None
     media_scope: str = "until_other"
+    contrastive_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -128,6 +132,7 @@ class EvalConfig:
                 raise EvalConfigError(f"questions: unknown {unknown or '[]'} (known: {', '.join(VIDEO_QUESTIONS)})")
         try:
             check_media_scope(self.media_scope)
+            self.contrastive_alpha = check_contrastive_alpha(self.contrastive_alpha)
         except ValueError as e:
             raise EvalConfigError(str(e)) from None
         for i, message in enumerate(self.context or []):
@@ -235,7 +240,7 @@ def load_context(context: Sequence[Mapping[str, Any]], model: Any,
 
 
 def _has_type(value: Any, hint: Any) -> bool:
-    """Whether ``value`` fits a field's annotation (str, int, list[str], X | None)."""
+    """Whether ``value`` fits a field's annotation (str, int, float, list[str], X | None; an integer is a float)."""
     if hint is type(None):
         return value is None
     args = typing.get_args(hint)
@@ -245,6 +250,8 @@ def _has_type(value: Any, hint: Any) -> bool:
         return any(_has_type(value, a) for a in args)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
     return isinstance(value, hint)
 
 
@@ -254,7 +261,7 @@ def _type_name(hint: Any) -> str:
         return f"a list of {_type_name(args[0])}s"
     if args:
         return " or ".join(_type_name(a) for a in args)
-    return {type(None): "null", str: "a string", int: "an integer"}.get(hint, hint.__name__)
+    return {type(None): "null", str: "a string", int: "an integer", float: "a number"}.get(hint, hint.__name__)
 
 
 # -------------------------------------------------------------------------------------------- inputs
@@ -441,9 +448,11 @@ def questions_for(sample: Mapping[str, Any], index: int, config: EvalConfig, pro
 
 
 def answer(model: Any, questions: Sequence[Question], modality: str, *, max_new_tokens: int,
-           device: torch.device, context_items: Mapping[str, Sequence[torch.Tensor]] | None = None) -> list[str]:
+           device: torch.device, context_items: Mapping[str, Sequence[torch.Tensor]] | None = None,
+           contrastive_alpha: float = 0.0) -> list[str]:
     """Greedy answers to a batch of questions (media encoded once per batch); ``context_items``: the media of
-    the context messages before each question, per modality (see :func:`load_context`)."""
+    the context messages before each question, per modality (see :func:`load_context`); ``contrastive_alpha``:
+    contrastive decoding weight (0: plain decoding)."""
     from sensorium.compose import stack_items
 
     context_items = context_items or {}
@@ -460,7 +469,7 @@ def answer(model: Any, questions: Sequence[Question], modality: str, *, max_new_
             items[m] += own[m]
             counts[m].append(len(own[m]))
     media = {m: {"inputs": stack_items(items[m]), "counts": counts[m]} for m in modalities if items[m]}
-    out = model.generate_ids(prompts, media, max_new_tokens=max_new_tokens)
+    out = model.generate_ids(prompts, media, max_new_tokens=max_new_tokens, contrastive_alpha=contrastive_alpha)
     return [model.tokenizer.decode(o).strip() for o in out]
 
 
@@ -580,7 +589,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, model: Any = None) ->
         nonlocal generate_s
         t = time.perf_counter()
         answers = answer(model, batch, modality, max_new_tokens=max_new_tokens, device=device,
-                         context_items=context_items)
+                         context_items=context_items, contrastive_alpha=config.contrastive_alpha)
         generate_s += time.perf_counter() - t
         for q, a in zip(batch, answers, strict=True):
             row = {"sample": q.sample, "key": q.key, "url": q.url, "task": config.task, "prompt": q.prompt,
@@ -625,7 +634,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, model: Any = None) ->
         "task": config.task, "metrics": metrics, "n": len(rows), "samples": samples, "skipped": len(skipped),
         "adapters": [str(a) for a in config.adapters], "backbone": str(backbone_path),
         "data": str(Path(urls[0]).parent), "prompt": prompt, "system": system, "max_new_tokens": max_new_tokens,
-        "context": context, "media_scope": model.media_scope,
+        "context": context, "media_scope": model.media_scope, "contrastive_alpha": config.contrastive_alpha,
         "timings": {
             "load_s": t_loaded - t_start, "decode_s": t_answered - t_loaded - generate_s, "generate_s": generate_s,
             "score_s": t_scored - t_answered, "total_s": t_scored - t_start,

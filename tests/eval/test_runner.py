@@ -188,6 +188,35 @@ def test_image_prompts_items_and_answers_equal_those_of_generate(setup, monkeypa
         torch.testing.assert_close(inputs[0], item)
 
 
+def test_contrastive_alpha_reaches_decoding(setup, monkeypatch):
+    """``contrastive_alpha`` is the weight every batch decodes with, and each answer equals
+    ``ComposedModel.generate`` with that weight; the run records it."""
+    root = setup["root"]
+    weights = []
+    original = ComposedModel.generate_ids
+
+    def spy(self, prompts, media=None, **kwargs):
+        weights.append(kwargs.get("contrastive_alpha"))
+        return original(self, prompts, media, **kwargs)
+
+    monkeypatch.setattr(ComposedModel, "generate_ids", spy)
+    config = EvalConfig.from_yaml(_config(setup, "image_cd", task="image_caption", data=str(root / "shapes_eval"),
+                                          adapters=[str(root / "image-adapter")], contrastive_alpha=3))
+    summary = evaluate(config, progress=False)
+    assert weights == [3.0, 3.0] and summary["contrastive_alpha"] == 3.0  # batches of 3 and 2
+    rows = [json.loads(line) for line in (root / "out/image_cd/predictions.jsonl").read_text().splitlines()]
+    model = sensorium.compose(load_backbone(setup["backbone"]), [root / "image-adapter"],
+                              tokenizer=load_tokenizer(setup["backbone"]))
+    images = {n[: -len(".jpg")]: Image.open(io.BytesIO(d)) for n, d in _members(root / "shapes_eval/test/shard-000000.tar")
+              if n.endswith(".jpg") and not n.startswith("bad")}
+    weights.clear()
+    for r in rows:
+        chat = [{"role": "user", "content": [{"type": "image", "image": images[r["key"]]},
+                                             {"type": "text", "text": "Describe the image."}]}]
+        assert model.generate(chat, system="", max_new_tokens=5, contrastive_alpha=3.0).strip() == r["prediction"]
+    assert weights == [3.0] * len(rows)
+
+
 def test_speech_tasks_score_wer_and_bleu(setup, capsys):
     root = setup["root"]
     adapters = [str(root / "speech-adapter")]
@@ -333,6 +362,8 @@ def test_cli_overrides_out_and_max_samples(setup):
     ({"context": [{"role": "user", "content": [{"type": "smell", "smell": "x"}]}]},
      "context[0]: a part is {type: text | image | video | audio"),
     ({"media_scope": "latest"}, "media_scope must be one of until_other, all, got 'latest'"),
+    ({"contrastive_alpha": -1}, "contrastive_alpha must be a finite number >= 0, got -1.0"),
+    ({"contrastive_alpha": "strong"}, "contrastive_alpha must be a number, got 'strong'"),
     ({"data": "{root}/shapes"}, None),  # fine: the generated set's test split (not run: see below)
 ])
 def test_input_errors_are_one_line(setup, capsys, change, message):
