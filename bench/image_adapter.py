@@ -1,7 +1,7 @@
 """Image-adapter training step and greedy generation with one image: sensorium against transformers' Mllama.
 
 Run:  python bench/image_adapter.py [--shape smollm2|tiny] [--batch 8] [--seq 64] [--repeats 5]
-                                    [--new-tokens 128] [--autocast] [--profile] [--threads 2]
+                                    [--new-tokens 128] [--autocast] [--checkpointing] [--profile] [--threads 2]
                                     [--skip-training] [--skip-memory] [--skip-generation]
 
 Both sides hold the same random weights: a sensorium backbone (SmolLM2-135M's shape: dim 576, 30 layers,
@@ -120,11 +120,12 @@ def load_mllama(folder: Path):
     return model
 
 
-def trainable_sensorium(shape: str):
+def trainable_sensorium(shape: str, checkpointing: bool = False):
     from sensorium import ComposedModel
 
     backbone, adapter = build_sensorium(shape)
     adapter.placeholder_embedding.requires_grad_(False)  # a row of Mllama's frozen embedding
+    backbone.activation_checkpointing = checkpointing
     return ComposedModel(backbone, [adapter])
 
 
@@ -200,7 +201,7 @@ def mllama_step_fn(model, data: dict[str, torch.Tensor], *, autocast: bool):
 def step_fns(side: str, shape: str, folder: Path, args: argparse.Namespace):
     """(model, loss fn, step fn) of one side, on the bench batch."""
     if side == "sensorium":
-        model = trainable_sensorium(shape)
+        model = trainable_sensorium(shape, args.checkpointing)
         vocab, media_dim = model.backbone.config.vocab_size, model.adapters["image"].config.media_dim
         make = sensorium_step_fn
     else:
@@ -232,6 +233,8 @@ def peak_memory(side: str, shape: str, folder: Path, args: argparse.Namespace) -
            "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
     if args.autocast:
         cmd.append("--autocast")
+    if args.checkpointing:
+        cmd.append("--checkpointing")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -252,7 +255,7 @@ def bench_training(shape: str, folder: Path, args: argparse.Namespace) -> list[s
     if args.profile:
         for name, fn in (("sensorium", ours_step), ("transformers", hf_step)):
             print(f"\n--- profile: {name} training step ---\n{top_ops(fn)}", flush=True)
-    precision = "bf16 autocast" if args.autocast else "fp32"
+    precision = ("bf16 autocast" if args.autocast else "fp32") + (", sensorium checkpointed" if args.checkpointing else "")
     return [f"| {shape} | training step B={args.batch} T={args.seq} ({precision}) | {t_ours * 1e3:,.0f} ms | "
             f"{t_hf * 1e3:,.0f} ms | {t_hf / t_ours:.2f}x |"]
 
@@ -262,7 +265,7 @@ def bench_memory(shape: str, folder: Path, args: argparse.Namespace) -> list[str
     m_ours, m_hf = mem["sensorium"]["delta_mib"], mem["transformers"]["delta_mib"]
     print(f"peak memory method: {mem['sensorium']['method']}; resident model: sensorium "
           f"{mem['sensorium']['model_mib']:,.0f} MiB, transformers {mem['transformers']['model_mib']:,.0f} MiB")
-    precision = "bf16 autocast" if args.autocast else "fp32"
+    precision = ("bf16 autocast" if args.autocast else "fp32") + (", sensorium checkpointed" if args.checkpointing else "")
     return [f"| {shape} | training peak memory above the built model ({precision}) | {m_ours:,.0f} MiB | "
             f"{m_hf:,.0f} MiB | {m_ours / m_hf:.2f}x of transformers' |"]
 
@@ -325,6 +328,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast for the training step (both sides)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="sensorium side with activation checkpointing (each decoder layer recomputed in the backward)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler top ops of each side")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-training", action="store_true", help="skip the step timing")

@@ -151,13 +151,17 @@ class GatedCrossAttentionBlock(nn.Module):
         self.mlp = MLP(c.dim, c.mlp_hidden)
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, media: MediaInputs, ctx: DecoderContext) -> torch.Tensor:
-        T = x.shape[1]
-        mask, has = media.mask(ctx.start, T)
+    def media_kv(self, media: MediaInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's keys and values of the media, computed on first use and kept in ``media``."""
         key = id(self)
         if key not in media.kv:
             media.kv[key] = self.cross_attn.media_kv(media.values)
-        k, v = media.kv[key]
+        return media.kv[key]
+
+    def forward(self, x: torch.Tensor, media: MediaInputs, ctx: DecoderContext) -> torch.Tensor:
+        T = x.shape[1]
+        mask, has = media.mask(ctx.start, T)
+        k, v = self.media_kv(media)
         has = has.to(x.dtype)
         h = x + self.cross_attn_attn_gate.tanh().to(x.dtype) * has * self.cross_attn(self.input_layernorm(x), k, v, mask)
         return h + self.cross_attn_mlp_gate.tanh().to(x.dtype) * has * self.mlp(self.post_attention_layernorm(h))

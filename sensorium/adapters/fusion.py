@@ -28,6 +28,14 @@ class FusedLayer(nn.Module):
         self._register_state_dict_hook(_strip_layer_prefix)
         self._register_load_state_dict_pre_hook(_add_layer_prefix)
 
+    def prepare(self, ctx: DecoderContext) -> None:
+        """Compute what the blocks keep from their media (cross-attention K/V) ahead of the forward, so a
+        recomputation of this layer in the backward (activation checkpointing) repeats the forward exactly."""
+        for modality, block in self.blocks:
+            media = ctx.extras.get(modality)
+            if media is not None and hasattr(block, "media_kv"):
+                block.media_kv(media)
+
     def forward(self, x: torch.Tensor, ctx: DecoderContext) -> torch.Tensor:
         for modality, block in self.blocks:
             media = ctx.extras.get(modality)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from sensorium.backbone.config import LlamaConfig, rope_inv_freq
@@ -189,11 +190,16 @@ class Llama(nn.Module):
 
     ``model(tokens)`` returns logits ``(B, T, vocab)``. ``layers`` is the ``nn.ModuleList`` of decoder
     layers and ``embed_tokens`` the token embedding, so adapters can wrap layers and splice embeddings.
+
+    ``activation_checkpointing = True`` recomputes each decoder layer (with the adapter blocks in front of
+    it) in the backward instead of keeping its activations: less memory for about one more forward of
+    compute. It applies when gradients are being recorded and no KV cache is set up (training).
     """
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.tie_weights()
@@ -270,8 +276,14 @@ class Llama(nn.Module):
         B, T, _ = x.shape
         assert start == 0 or self.caches_enabled, "start > 0 needs a KV cache (setup_caches)"
         ctx = self._context(B, T, start, pad_mask, x.device, extras)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and not self.caches_enabled
         for layer in self.model.layers:
-            x = layer(x, ctx)
+            if recompute:
+                if hasattr(layer, "prepare"):  # adapter blocks' media K/V: computed once, outside the recomputation
+                    layer.prepare(ctx)
+                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)

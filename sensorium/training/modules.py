@@ -50,6 +50,17 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def compile_layers(backbone: torch.nn.Module, adapter: torch.nn.Module) -> None:
+    """``torch.compile`` each decoder layer of ``backbone`` and each block of ``adapter`` in place (module
+    names and state-dict keys stay as they are; the adapter blocks' dispatch stays eager)."""
+    from sensorium.adapters.fusion import FusedLayer
+
+    for layer in backbone.layers:
+        (layer.layer if isinstance(layer, FusedLayer) else layer).compile()
+    for block in getattr(adapter, "blocks", []):
+        block.compile()
+
+
 class AdapterModule(L.LightningModule):
     """What every adapter LightningModule shares: frozen backbone and encoder, one trainable adapter,
     chat batches, bad-sample accounting, generation-based testing, trainable-only checkpoints.
@@ -212,11 +223,19 @@ class AdapterModule(L.LightningModule):
     def configure_model(self) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
+        checkpointing, compile_ = self.hparams.get("activation_checkpointing"), self.hparams.get("compile")
         if isinstance(self.trainer.strategy, FSDPStrategy):
+            if checkpointing or compile_:
+                raise SensoriumError("model.activation_checkpointing and model.compile are for single-device and "
+                                     "DDP training; under FSDP use the strategy's activation_checkpointing")
             # FSDP flattens each wrapped unit into one tensor of one dtype, and the root unit holds frozen
             # weights (embedding, head) beside the fp32 adapter: keep everything in fp32 (sharded, so
             # 4 bytes per weight / world size); FSDP's mixed precision computes in bf16
             self.model.float()
+        self.model.backbone.activation_checkpointing = bool(checkpointing)
+        if compile_ and not getattr(self, "_compiled", False):
+            compile_layers(self.model.backbone, self.adapter)
+            self._compiled = True
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -283,6 +302,9 @@ class ImageAdapterModule(AdapterModule):
         eval_max_new_tokens: tokens generated per test sample.
         context_turns: share of training batches whose chats start with one or two text-only turns about
             other media (see :meth:`AdapterModule.training_collator`).
+        activation_checkpointing: recompute each decoder layer in the backward instead of keeping its
+            activations (less memory, about one more forward of compute).
+        compile: ``torch.compile`` each decoder layer and adapter block before training.
     """
 
     modality = "image"
@@ -309,6 +331,8 @@ class ImageAdapterModule(AdapterModule):
         max_bad_fraction: float = 0.05,
         eval_max_new_tokens: int = 16,
         context_turns: float = 0.0,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         encoder = self._save_config(encoder)
@@ -369,6 +393,9 @@ class VideoAdapterModule(AdapterModule):
         eval_max_new_tokens: tokens generated per test sample.
         context_turns: share of training batches whose chats start with one or two text-only turns about
             other media (see :meth:`AdapterModule.training_collator`).
+        activation_checkpointing: recompute each decoder layer in the backward instead of keeping its
+            activations (less memory, about one more forward of compute).
+        compile: ``torch.compile`` each decoder layer and adapter block before training.
     """
 
     modality = "video"
@@ -403,6 +430,8 @@ class VideoAdapterModule(AdapterModule):
         max_bad_fraction: float = 0.05,
         eval_max_new_tokens: int = 16,
         context_turns: float = 0.0,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         encoder = self._save_config(encoder)

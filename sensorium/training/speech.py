@@ -191,6 +191,9 @@ class SpeechAdapterModule(AdapterModule):
         context_turns: share of training batches whose chats start with one or two text-only turns about
             images or clips (not trained on), so the adapter also transcribes later in a conversation about
             other media (see :meth:`~sensorium.training.modules.AdapterModule.training_collator`).
+        activation_checkpointing: recompute each decoder layer in the backward instead of keeping its
+            activations (less memory, about one more forward of compute).
+        compile: ``torch.compile`` each decoder layer and adapter block before training.
     """
 
     modality = "speech"
@@ -214,6 +217,8 @@ class SpeechAdapterModule(AdapterModule):
         max_bad_fraction: float = 0.05,
         eval_max_new_tokens: int = 24,
         context_turns: float = 0.0,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         spec = self._save_config(encoder, SpeechEncoderSpec, PRETRAIN_RECIPE)

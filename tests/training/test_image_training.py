@@ -6,6 +6,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
@@ -171,3 +172,55 @@ def test_context_turns_reach_the_training_collator_only(tmp_path):
     assert module.training_collator().context_turns == 0.3 and module.collator().context_turns == 0.0
     assert module.training_collator().earlier_kinds == ("video", "speech")
 
+
+
+def test_activation_checkpointing_recomputes_layers_with_the_same_gradients():
+    """With ``activation_checkpointing`` every decoder layer runs again in the backward, and the adapter's
+    gradients are those of the plain step."""
+    from tests.tiny import compose_tiny, make_parts, randomise
+
+    bb, enc, xattn, _ = make_parts()
+    model = compose_tiny(bb, enc, randomise(xattn))
+    tokens = torch.randint(0, bb.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = tokens.clone()
+    tokens[:, 1], labels[:, :2] = model.placeholder_ids["image"], -100
+    media = {"image": {"inputs": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), "counts": [1, 1]}}
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in bb.layers]
+
+    def grads() -> dict[str, torch.Tensor]:
+        xattn.zero_grad(set_to_none=True)
+        calls.clear()
+        model(tokens, media=media, labels=labels).backward()
+        return {n: p.grad.clone() for n, p in xattn.named_parameters() if p.grad is not None}
+
+    plain, plain_calls = grads(), len(calls)
+    bb.activation_checkpointing = True
+    checkpointed, checkpointed_calls = grads(), len(calls)
+    assert plain_calls == bb.config.n_layers and checkpointed_calls == 2 * plain_calls
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    calls.clear()
+    with torch.no_grad():  # nothing recorded: the layers run once, as without the flag
+        model(tokens, media=media)
+    assert len(calls) == bb.config.n_layers
+    for h in hooks:
+        h.remove()
+
+
+def test_activation_checkpointing_and_compile_flags_train_like_the_plain_step(tiny_setup, monkeypatch):
+    """``--model.activation_checkpointing true`` and ``--model.compile true`` give the plain run's loss curve."""
+    root, backbone, data = tiny_setup
+    monkeypatch.chdir(root)
+    common = ["--model.max_bad_fraction", "0.5", "--trainer.log_every_n_steps", "1", "--trainer.max_steps", "3",
+              "--trainer.val_check_interval", "3"]
+    curves = {}
+    for name, flags in (("plain", []), ("checkpointed", ["--model.activation_checkpointing", "true"]),
+                        ("compiled", ["--model.compile", "true"])):
+        assert main(_fit(root, backbone, data, *common, *flags, "--trainer.logger.init_args.save_dir",
+                         str(root / f"flags_{name}"))) == 0
+        curves[name] = _losses(root / f"flags_{name}")
+    assert len(curves["plain"]) == 3 and curves["plain"][0] != curves["plain"][-1]
+    assert curves["checkpointed"] == pytest.approx(curves["plain"], abs=1e-5)
+    assert curves["compiled"] == pytest.approx(curves["plain"], abs=1e-4)
