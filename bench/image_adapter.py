@@ -239,6 +239,11 @@ def peak_memory(side: str, shape: str, folder: Path, args: argparse.Namespace) -
     return json.loads(out.strip().splitlines()[-1])
 
 
+def run_label(args: argparse.Namespace) -> str:
+    """How a table row's run was made: number format, and checkpointing on the sensorium side."""
+    return ("bf16 autocast" if args.autocast else "fp32") + (", sensorium checkpointed" if args.checkpointing else "")
+
+
 def bench_training(shape: str, folder: Path, args: argparse.Namespace) -> list[str]:
     ours, ours_loss, ours_step = step_fns("sensorium", shape, folder, args)
     hf, hf_loss, hf_step = step_fns("transformers", shape, folder, args)
@@ -255,7 +260,7 @@ def bench_training(shape: str, folder: Path, args: argparse.Namespace) -> list[s
     if args.profile:
         for name, fn in (("sensorium", ours_step), ("transformers", hf_step)):
             print(f"\n--- profile: {name} training step ---\n{top_ops(fn)}", flush=True)
-    precision = ("bf16 autocast" if args.autocast else "fp32") + (", sensorium checkpointed" if args.checkpointing else "")
+    precision = run_label(args)
     return [f"| {shape} | training step B={args.batch} T={args.seq} ({precision}) | {t_ours * 1e3:,.0f} ms | "
             f"{t_hf * 1e3:,.0f} ms | {t_hf / t_ours:.2f}x |"]
 
@@ -265,7 +270,7 @@ def bench_memory(shape: str, folder: Path, args: argparse.Namespace) -> list[str
     m_ours, m_hf = mem["sensorium"]["delta_mib"], mem["transformers"]["delta_mib"]
     print(f"peak memory method: {mem['sensorium']['method']}; resident model: sensorium "
           f"{mem['sensorium']['model_mib']:,.0f} MiB, transformers {mem['transformers']['model_mib']:,.0f} MiB")
-    precision = ("bf16 autocast" if args.autocast else "fp32") + (", sensorium checkpointed" if args.checkpointing else "")
+    precision = run_label(args)
     return [f"| {shape} | training peak memory above the built model ({precision}) | {m_ours:,.0f} MiB | "
             f"{m_hf:,.0f} MiB | {m_ours / m_hf:.2f}x of transformers' |"]
 
