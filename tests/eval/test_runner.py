@@ -4,6 +4,7 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -154,6 +155,18 @@ def test_image_caption_writes_metrics_predictions_and_report(setup, capsys):
     assert "cider_d" in out and format_value(metrics["metrics"]["bleu4"]) in out and "report.html" in out
 
 
+def _image_model_and_chats(setup) -> tuple[Any, dict[str, list[dict[str, Any]]]]:
+    """The composed image model and, per test-split key, the one-turn chat asking it to describe that image."""
+    root = setup["root"]
+    model = sensorium.compose(load_backbone(setup["backbone"]), [root / "image-adapter"],
+                              tokenizer=load_tokenizer(setup["backbone"]))
+    chats = {n[: -len(".jpg")]: [{"role": "user", "content": [{"type": "image", "image": Image.open(io.BytesIO(d))},
+                                                               {"type": "text", "text": "Describe the image."}]}]
+             for n, d in _members(root / "shapes_eval/test/shard-000000.tar")
+             if n.endswith(".jpg") and not n.startswith("bad")}
+    return model, chats
+
+
 def test_image_prompts_items_and_answers_equal_those_of_generate(setup, monkeypatch):
     """The batched run builds the same prompt ids and media items, and gets the same answers, as
     ComposedModel.generate on each image alone with the manifest's instruction (random image features barely
@@ -175,14 +188,9 @@ def test_image_prompts_items_and_answers_equal_those_of_generate(setup, monkeypa
     rows = [json.loads(line) for line in (root / "out/image_spy/predictions.jsonl").read_text().splitlines()]
     assert summary["n"] == len(rows) == len(batched)
     calls.clear()
-    model = sensorium.compose(load_backbone(setup["backbone"]), [root / "image-adapter"],
-                              tokenizer=load_tokenizer(setup["backbone"]))
-    images = {n[: -len(".jpg")]: Image.open(io.BytesIO(d)) for n, d in _members(root / "shapes_eval/test/shard-000000.tar")
-              if n.endswith(".jpg") and not n.startswith("bad")}
+    model, chats = _image_model_and_chats(setup)
     for r, (prompt, item) in zip(rows, batched, strict=True):
-        chat = [{"role": "user", "content": [{"type": "image", "image": images[r["key"]]},
-                                             {"type": "text", "text": "Describe the image."}]}]
-        assert model.generate(chat, system="", max_new_tokens=5).strip() == r["prediction"]
+        assert model.generate(chats[r["key"]], system="", max_new_tokens=5).strip() == r["prediction"]
         (alone, inputs), = calls[-1:]
         assert alone == [prompt]
         torch.testing.assert_close(inputs[0], item)
@@ -205,15 +213,10 @@ def test_contrastive_alpha_reaches_decoding(setup, monkeypatch):
     summary = evaluate(config, progress=False)
     assert weights == [3.0, 3.0] and summary["contrastive_alpha"] == 3.0  # batches of 3 and 2
     rows = [json.loads(line) for line in (root / "out/image_cd/predictions.jsonl").read_text().splitlines()]
-    model = sensorium.compose(load_backbone(setup["backbone"]), [root / "image-adapter"],
-                              tokenizer=load_tokenizer(setup["backbone"]))
-    images = {n[: -len(".jpg")]: Image.open(io.BytesIO(d)) for n, d in _members(root / "shapes_eval/test/shard-000000.tar")
-              if n.endswith(".jpg") and not n.startswith("bad")}
+    model, chats = _image_model_and_chats(setup)
     weights.clear()
     for r in rows:
-        chat = [{"role": "user", "content": [{"type": "image", "image": images[r["key"]]},
-                                             {"type": "text", "text": "Describe the image."}]}]
-        assert model.generate(chat, system="", max_new_tokens=5, contrastive_alpha=3.0).strip() == r["prediction"]
+        assert model.generate(chats[r["key"]], system="", max_new_tokens=5, contrastive_alpha=3.0).strip() == r["prediction"]
     assert weights == [3.0] * len(rows)
 
 
