@@ -19,6 +19,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from sensorium.demo import EVAL_MINUTES as DEMO_EVAL_MINUTES
+from sensorium.demo import MINUTES as DEMO_MINUTES
 from sensorium.errors import SensoriumError
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -118,10 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the embedded default end to end", description="The embedded default end to "
                        "end: synthetic data, encoder pretraining, image/video/speech adapters on the frozen SmolLM2, "
                        "composition, evaluation of each modality alone and composed, one mixed-media conversation, "
-                       "a table and an HTML report (time-capped training stages; --quick: a few steps on small sets).")
+                       "a table and an HTML report (within a time budget, --minutes; --quick: a few steps on small sets).")
     d.add_argument("--dir", default="sensorium-demo", help="working folder (data/, runs/, reports/; reused by a rerun)")
     d.add_argument("--quick", action="store_true", help="a few training steps on small sets: the pipeline, not quality")
     d.add_argument("--fresh", action="store_true", help="delete the working folder first")
+    d.add_argument("--minutes", type=float, default=DEMO_MINUTES, help="the full run's time budget: its training "
+                   f"stages share it, less {DEMO_EVAL_MINUTES:g} minutes kept for the evaluation (default: "
+                   f"{DEMO_MINUTES:g}; more trains longer)")
     return parser
 
 
@@ -307,7 +312,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from sensorium.demo import run_demo
 
-    run_demo(args.dir, quick=args.quick, fresh=args.fresh)
+    run_demo(args.dir, quick=args.quick, fresh=args.fresh, minutes=args.minutes)
     return 0
 
 

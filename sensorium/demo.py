@@ -8,10 +8,13 @@ modalities (``in a chat``), holds one conversation that mixes an image, a clip a
 and writes an HTML report.
 
 Everything lands in one working folder (``--dir``); stages whose outputs exist are reused, so an
-interrupted demo continues where it stopped (``--fresh`` starts over). Each training stage of the full
-run has a time cap (the stages take about 25 minutes together on 2 CPU cores); the speech adapter also
-trains on chats that start with earlier turns about other media, so it transcribes nearly as well in a chat.
-``--quick`` trains for a few steps on small sets to show the pipeline, not the quality.
+interrupted demo continues where it stopped (``--fresh`` starts over). The full run keeps to a time budget
+(``--minutes``, 29 by default): the training stages share what is left of it after the evaluation's
+reserve, each in proportion to its weight, and each stops at its own wall-clock deadline, which counts its
+data generation and feature caching too; a stage that finishes early leaves its time to the next ones, so a
+faster machine trains longer within the same stage shares. The speech adapter also trains on chats that
+start with earlier turns about other media, so it transcribes nearly as well in a chat. ``--quick`` trains
+for a few steps on small sets to show the pipeline, not the quality.
 """
 
 import html
@@ -29,38 +32,54 @@ from sensorium.errors import SensoriumError
 
 @dataclass
 class Stage:
-    """One training run: a shipped recipe with overrides (``both``: for the full and the quick run), and the
-    file that shows it is done."""
+    """One training run: a shipped recipe with overrides (``both``: for the full and the quick run), the
+    file that shows it is done, and its weight in the full run's training time."""
 
     name: str
     recipe: str
     output: str
+    weight: float
     full: list[str] = field(default_factory=list)
     quick: list[str] = field(default_factory=list)
     both: list[str] = field(default_factory=list)
 
 
-def _caps(minutes: float) -> list[str]:
-    return ["--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}"]
-
+MINUTES = 29.0  # the full run's default budget
+EVAL_MINUTES = 5.0  # kept from it for composing, evaluating, the conversation and the report (4.4 measured
+# on a 2-core machine with a 0.2 TFLOP/s fp32 matmul peak, 3.5 at 0.35)
 
 _QUICK_ADAPTER = ["--trainer.max_steps", "20", "--trainer.val_check_interval", "20", "--trainer.limit_val_batches", "1"]
 _QUICK_ENCODER = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "30", "--data.num_train", "512"]
 
+# weights: about the minutes each stage took (data included) in a 28-minute run on a 2-core machine with a
+# 0.35 TFLOP/s fp32 matmul peak; the image encoder's, which counts steps (300), covers a 0.2 TFLOP/s machine
+# (5.2 minutes): the adapters learn on its features, and what it leaves goes to the stages after it
 STAGES = [
-    Stage("image encoder", "image/shapes_encoder.yaml", "runs/image/encoder/encoder.safetensors",
+    Stage("image encoder", "image/shapes_encoder.yaml", "runs/image/encoder/encoder.safetensors", 5.5,
           quick=_QUICK_ENCODER),
-    Stage("image adapter", "image/shapes.yaml", "runs/image/adapter/manifest.json", full=_caps(5.5),
+    Stage("image adapter", "image/shapes.yaml", "runs/image/adapter/manifest.json", 6.0,
           quick=[*_QUICK_ADAPTER, "--data.num_train", "512"]),
-    Stage("video adapter", "video/moving_shapes.yaml", "runs/video/adapter/manifest.json",
-          full=[*_caps(3.5), "--data.num_train", "1000"],  # 3.5 minutes see fewer clips than the recipe's 4000
+    Stage("video adapter", "video/moving_shapes.yaml", "runs/video/adapter/manifest.json", 4.5,
+          full=["--data.num_train", "1000"],  # a few minutes see fewer clips than the recipe's 4000
           quick=[*_QUICK_ADAPTER, "--data.num_train", "128"]),
-    Stage("speech encoder", "speech/spoken_words_encoder.yaml", "runs/speech/encoder/encoder.safetensors",
-          full=_caps(4), quick=_QUICK_ENCODER),
-    Stage("speech adapter", "speech/spoken_words.yaml", "runs/speech/adapter/manifest.json", full=_caps(7.5),
+    Stage("speech encoder", "speech/spoken_words_encoder.yaml", "runs/speech/encoder/encoder.safetensors", 4.0,
+          quick=_QUICK_ENCODER),
+    Stage("speech adapter", "speech/spoken_words.yaml", "runs/speech/adapter/manifest.json", 8.0,
           quick=[*_QUICK_ADAPTER, "--data.num_train", "512"],
           both=["--model.context_turns", "0.25", "--model.max_len", "160"]),  # also later in a chat
 ]
+
+
+def deadline(now: float, until: float, stage: Stage, rest: Sequence[Stage]) -> float:
+    """When ``stage`` must stop (seconds, as ``time.time()``): its weight's part of the time from ``now`` to
+    ``until`` that it shares with the stages after it (``rest``, itself excluded)."""
+    return now + (until - now) * stage.weight / (stage.weight + sum(s.weight for s in rest))
+
+
+def _deadline_args(at: float) -> list[str]:
+    callback = {"class_path": "sensorium.training.callbacks.Deadline", "init_args": {"at": at}}
+    return [f"--trainer.callbacks+={json.dumps(callback)}"]
+
 
 EVALS = [  # (modality, task, data folder, adapter folder)
     ("image", "image_caption", "data/shapes", "runs/image/adapter"),
@@ -78,17 +97,29 @@ def recipes_dir() -> Path:
     return here
 
 
-def _train(stages: Sequence[Stage], *, quick: bool, log: Any) -> dict[str, float]:
+def _train(stages: Sequence[Stage], *, quick: bool, log: Any, until: float | None = None) -> dict[str, float]:
+    """Run the stages whose outputs are missing; with ``until`` (seconds, as ``time.time()``), they share
+    the time left until then by weight. Returns each run stage's minutes."""
     from sensorium.cli import main
 
     minutes = {}
+    pending = [stage for stage in stages if not Path(stage.output).exists()]
     for stage in stages:
-        if Path(stage.output).exists():
+        if stage not in pending:
             print(f"[demo] {stage.name}: done already ({stage.output})", file=log)
-            continue
-        print(f"[demo] {stage.name}: sensorium fit --config recipes/{stage.recipe}", file=log, flush=True)
-        t0 = time.perf_counter()
+    for i, stage in enumerate(pending):
         args = ["fit", "--config", str(recipes_dir() / stage.recipe), *stage.both, *(stage.quick if quick else stage.full)]
+        budget = ""
+        if until is not None:
+            now = time.time()
+            if until - now < 30:
+                raise SensoriumError(f"the demo's time budget is spent before its '{stage.name}' stage; "
+                                     "run it again with more --minutes (the stages done are kept)")
+            at = deadline(now, until, stage, pending[i + 1:])
+            args += _deadline_args(at)
+            budget = f" (at most {(at - now) / 60:.1f} min)"
+        print(f"[demo] {stage.name}: sensorium fit --config recipes/{stage.recipe}{budget}", file=log, flush=True)
+        t0 = time.perf_counter()
         if main(args) != 0 or not Path(stage.output).exists():
             raise SensoriumError(f"demo stage '{stage.name}' failed (recipe {stage.recipe})")
         minutes[stage.name] = (time.perf_counter() - t0) / 60
@@ -220,10 +251,16 @@ def _report(rows: list[dict[str, Any]], chat: list[dict[str, str]], minutes: dic
     return out
 
 
-def run_demo(folder: str | Path = "sensorium-demo", *, quick: bool = False, fresh: bool = False) -> dict[str, Any]:
-    """Run the demo in ``folder``; return its scores, the conversation and stage times."""
+def run_demo(folder: str | Path = "sensorium-demo", *, quick: bool = False, fresh: bool = False,
+             minutes: float = MINUTES) -> dict[str, Any]:
+    """Run the demo in ``folder``; return its scores, the conversation and stage times. The full run's
+    training stages end ``EVAL_MINUTES`` before ``minutes`` from now (``--quick`` counts steps instead)."""
     import os
 
+    if not quick and minutes <= EVAL_MINUTES + 1:
+        raise SensoriumError(f"--minutes must be more than {EVAL_MINUTES + 1:g} (the evaluation keeps "
+                             f"{EVAL_MINUTES:g} of them), got {minutes:g}")
+    until = None if quick else time.time() + (minutes - EVAL_MINUTES) * 60
     folder = Path(folder)
     if fresh and folder.exists():
         shutil.rmtree(folder)
@@ -233,17 +270,19 @@ def run_demo(folder: str | Path = "sensorium-demo", *, quick: bool = False, fres
     log = sys.stderr
     try:
         t0 = time.perf_counter()
-        minutes = _train(STAGES, quick=quick, log=log)
+        stage_minutes = _train(STAGES, quick=quick, log=log, until=until)
         media = _demo_media()
         composed = _composed()
         rows = _evaluate(media, composed, quick=quick, log=log)
         chat = _conversation(media, composed, log)
-        report = _report(rows, chat, minutes)
+        report = _report(rows, chat, stage_minutes)
         total = (time.perf_counter() - t0) / 60
+        scores = [{"modality": r["modality"], **{mode: r[mode]["metrics"] for mode in MODES}} for r in rows]
         (Path("reports") / "demo.json").write_text(json.dumps(
-            {"scores": [{"modality": r["modality"], **{mode: r[mode]["metrics"] for mode in MODES}} for r in rows], "conversation": chat, "minutes": minutes, "total_minutes": total}, indent=2))
+            {"scores": scores, "conversation": chat, "minutes": stage_minutes, "total_minutes": total,
+             "budget_minutes": None if quick else minutes}, indent=2))
         print("\n" + _table(rows))
         print(f"\nreport: {folder / report}  ({total:.1f} min)")
-        return {"rows": rows, "conversation": chat, "minutes": minutes, "total_minutes": total}
+        return {"rows": rows, "conversation": chat, "minutes": stage_minutes, "total_minutes": total}
     finally:
         os.chdir(cwd)

@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,23 @@ class FlushDenormal(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         torch.set_flush_denormal(True)
+
+
+class Deadline(L.Callback):
+    """Stop training at a wall-clock time (``at``: seconds since the epoch, as ``time.time()``).
+
+    Unlike the trainer's ``max_time``, which starts counting when the first batch is drawn, a deadline
+    also counts what comes before it (data generation, the feature cache), so a sequence of runs can share
+    one time budget. Checked after every training batch; at least one step is taken.
+    """
+
+    def __init__(self, at: float):
+        self.at = float(at)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        due = trainer.strategy.broadcast(time.time() >= self.at)  # rank 0's clock decides for all
+        if due:
+            trainer.should_stop = True
 
 
 PARTIAL_PREFIX = ".partial-"
