@@ -12,8 +12,8 @@ interrupted demo continues where it stopped (``--fresh`` starts over). The full 
 (``--minutes``, 29 by default): the training stages share what is left of it after the evaluation's
 reserve, each in proportion to its weight, and each stops at its own wall-clock deadline, which counts its
 data generation and feature caching too; a stage that finishes early leaves its time to the next ones, so a
-faster machine trains longer within the same stage shares. The speech adapter also trains on chats that
-start with earlier turns about other media, so it transcribes nearly as well in a chat. ``--quick`` trains
+faster machine trains longer within the same stage shares. The image and speech adapters also train on
+chats that start with earlier turns about other media, so they answer nearly as well in a chat. ``--quick`` trains
 for a few steps on small sets to show the pipeline, not the quality.
 """
 
@@ -58,7 +58,8 @@ STAGES = [
     Stage("image encoder", "image/shapes_encoder.yaml", "runs/image/encoder/encoder.safetensors", 5.5,
           quick=_QUICK_ENCODER),
     Stage("image adapter", "image/shapes.yaml", "runs/image/adapter/manifest.json", 6.0,
-          quick=[*_QUICK_ADAPTER, "--data.num_train", "512"]),
+          quick=[*_QUICK_ADAPTER, "--data.num_train", "512"],
+          both=["--model.context_turns", "0.1", "--model.max_len", "160"]),  # also later in a chat
     Stage("video adapter", "video/moving_shapes.yaml", "runs/video/adapter/manifest.json", 4.5,
           full=["--data.num_train", "1000"],  # a few minutes see fewer clips than the recipe's 4000
           quick=[*_QUICK_ADAPTER, "--data.num_train", "128"]),
