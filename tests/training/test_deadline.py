@@ -3,33 +3,17 @@
 import types
 
 import lightning as L
-import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sensorium.training import callbacks
 from sensorium.training.callbacks import Deadline
-
-
-class Linear(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Linear(4, 1)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return F.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+from tests.training.test_stability import BATCH, Regression, make_data
 
 
 def _steps(deadline: Deadline, max_steps: int = 20) -> int:
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[deadline])
-    data = TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
-    trainer.fit(Linear(), DataLoader(data, batch_size=2))
+    trainer.fit(Regression(), DataLoader(TensorDataset(*make_data(32 * BATCH, seed=1)), batch_size=BATCH))
     return trainer.global_step
 
 
