@@ -105,6 +105,11 @@ class AdapterModule(L.LightningModule):
         """The adapter being trained (owned by ``self.model``)."""
         return self.model.adapters[self.modality]
 
+    @property
+    def prompt(self) -> str:
+        """The instruction after the media in caption samples."""
+        return self.hparams.prompt
+
     # ------------------------------------------------------------------------------------------ data
     def sample_decoder(self) -> SampleDecoder:
         """Raw shard sample → decoded sample (used by the DataModule in its workers)."""
@@ -127,7 +132,7 @@ class AdapterModule(L.LightningModule):
         """Decoded samples → :class:`Batch` (placeholders expanded for this adapter)."""
         return ChatCollator(
             self.tokenizer, {self.modality: self.model.placeholder_ids[self.modality]},
-            tokens_per_item={self.modality: self.adapter.tokens_per_item}, prompt=self.hparams.prompt,
+            tokens_per_item={self.modality: self.adapter.tokens_per_item}, prompt=self.prompt,
             system=self.hparams.system, max_len=self.hparams.max_len,
         )
 
@@ -273,7 +278,7 @@ class AdapterModule(L.LightningModule):
                   for k, v in self.hparams.items()}
         return save_adapter(
             self.adapter, folder or self.hparams.adapter_dir, backbone=self.model.backbone,
-            encoder=self.model.encoders[self.modality], prompt={"system": self.hparams.system, "instruction": self.hparams.prompt},
+            encoder=self.model.encoders[self.modality], prompt={"system": self.hparams.system, "instruction": self.prompt},
             recipe=recipe,
         )
 

@@ -227,13 +227,17 @@ class SpeechAdapterModule(AdapterModule):
         unknown = [t for t in self.tasks if t not in self.prompts]
         if unknown:
             raise SensoriumError(f"unknown speech task(s) {unknown} (known: {', '.join(self.prompts)})")
-        self.hparams["prompt"] = self.prompts[self.tasks[0]]
 
         def make_adapter(bb: Any, enc: SpeechEncoder) -> torch.nn.Module:
             overrides = {"hidden": hidden} if hidden else {}
             return SpeechAdapter(SpeechAdapterConfig.for_backbone(bb.config, enc.out_dim, **overrides))
 
         self._compose(backbone, tokenizer, init_adapter, lambda: SpeechEncoder(spec), make_adapter)
+
+    @property
+    def prompt(self) -> str:
+        """The first task's instruction (what the adapter folder records)."""
+        return self.prompts[self.tasks[0]]
 
     def sample_decoder(self) -> SpeechTaskDecoder:
         return SpeechTaskDecoder(speech_sample_decoder(self.model.encoders["speech"].transform), self.tasks, self.prompts)
@@ -245,7 +249,7 @@ class SpeechAdapterModule(AdapterModule):
         return ChatCollator(
             self.tokenizer, {"speech": self.model.placeholder_ids["speech"]},
             tokens_per_item={"speech": SpeechPositions(self.model.encoders["speech"].spec.stack, self.adapter.config.stride)},
-            prompt=self.hparams.prompt, system=self.hparams.system, max_len=self.hparams.max_len,
+            prompt=self.prompt, system=self.hparams.system, max_len=self.hparams.max_len,
         )
 
     def score(self, results: list[dict[str, Any]]) -> dict[str, float]:

@@ -82,6 +82,13 @@ def test_bad_audio_is_skipped_counted_and_reported(speech_setup, capsys, monkeyp
         assert any(key in line and reason in line for line in err.splitlines()), (key, err[-3000:])
     manifest = json.loads((root / "adapter" / "manifest.json").read_text())
     assert manifest["kind"] == "speech" and manifest["encoder"]["kind"] == "speech"
+    assert manifest["prompt"]["instruction"] == "Repeat after me in English:"
+    # the checkpoint's hyper-parameters build the module again (`sensorium test --ckpt_path`)
+    assert main([
+        "test", "--config", str(RECIPES / "speech/spoken_words.yaml"), "--ckpt_path", "runs/speech/checkpoints/last.ckpt",
+        "--data.root", str(data), "--data.num_workers", "0", "--trainer.limit_test_batches", "1",
+        "--trainer.logger.init_args.save_dir", str(root / "logs"),
+    ]) == 0
 
 
 def test_ctc_pretraining_runs_and_writes_the_encoder(speech_setup, monkeypatch):
