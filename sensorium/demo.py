@@ -66,8 +66,7 @@ STAGES = [
     Stage("speech encoder", "speech/spoken_words_encoder.yaml", "runs/speech/encoder/encoder.safetensors", 4.0,
           quick=_QUICK_ENCODER),
     Stage("speech adapter", "speech/spoken_words.yaml", "runs/speech/adapter/manifest.json", 8.0,
-          quick=[*_QUICK_ADAPTER, "--data.num_train", "512"],
-          both=["--model.context_turns", "0.25", "--model.max_len", "160"]),  # also later in a chat
+          quick=[*_QUICK_ADAPTER, "--data.num_train", "512"]),  # the recipe trains later-in-a-chat turns too
 ]
 
 

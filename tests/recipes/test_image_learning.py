@@ -8,15 +8,12 @@ Runs in a temporary working directory, so the recipes' relative paths (data/, ru
 import pytest
 
 from sensorium.eval.metrics import attribute_accuracy
-from tests.recipes.conftest import fit_and_test
 
 
 @pytest.mark.slow
-def test_shapes_recipes_learn_colour_and_shape(tmp_path, monkeypatch, shapes_encoder):
-    encoder, encoder_minutes = shapes_encoder
-    monkeypatch.chdir(tmp_path)
-    results, adapter_minutes = fit_and_test("image/shapes.yaml", "runs/image", "--model.encoder.checkpoint", str(encoder))
-    scores = attribute_accuracy(results)
-    print(f"encoder {encoder_minutes:.1f} min + adapter {adapter_minutes:.1f} min; test scores {scores}")
-    assert len(results) >= 200
+def test_shapes_recipes_learn_colour_and_shape(image_run):
+    scores = attribute_accuracy(image_run.results)
+    print(f"encoder {image_run.minutes['encoder']:.1f} min + adapter {image_run.minutes['adapter']:.1f} min; "
+          f"test scores {scores}")
+    assert len(image_run.results) >= 200
     assert scores["colour_and_shape"] >= 0.90

@@ -10,16 +10,12 @@ working directory, so the recipe's relative paths (data/, runs/) land there.
 import pytest
 
 from sensorium.eval.metrics import MOVING_VOCABULARY, attribute_accuracy
-from tests.recipes.conftest import fit_and_test
 
 
 @pytest.mark.slow
-def test_moving_shapes_recipe_learns_colour_shape_and_direction(tmp_path, monkeypatch, shapes_encoder):
-    encoder, encoder_minutes = shapes_encoder
-    monkeypatch.chdir(tmp_path)
-    results, adapter_minutes = fit_and_test("video/moving_shapes.yaml", "runs/video",
-                                            "--model.encoder.checkpoint", str(encoder))
-    scores = attribute_accuracy(results, MOVING_VOCABULARY)
-    print(f"encoder {encoder_minutes:.1f} min + video recipe {adapter_minutes:.1f} min; test scores {scores}")
-    assert len(results) == 400
+def test_moving_shapes_recipe_learns_colour_shape_and_direction(video_run):
+    scores = attribute_accuracy(video_run.results, MOVING_VOCABULARY)
+    print(f"encoder {video_run.minutes['encoder']:.1f} min + video recipe {video_run.minutes['adapter']:.1f} min; "
+          f"test scores {scores}")
+    assert len(video_run.results) == 400
     assert min(scores["colour"], scores["shape"], scores["direction"]) >= 0.90
