@@ -62,22 +62,23 @@ def shapes_encoder(tmp_path_factory) -> tuple[Path, float]:
     return path, minutes
 
 
+def _on_shapes_encoder(tmp_path_factory, shapes_encoder, recipe: str, run_dir: str) -> RecipeRun:
+    encoder, encoder_minutes = shapes_encoder
+    with working_folder(tmp_path_factory.mktemp(Path(run_dir).name)) as folder:
+        results, minutes = fit_and_test(recipe, run_dir, "--model.encoder.checkpoint", str(encoder))
+    return RecipeRun(folder, results, {"encoder": encoder_minutes, "adapter": minutes})
+
+
 @pytest.fixture(scope="session")
 def image_run(tmp_path_factory, shapes_encoder) -> RecipeRun:
     """``recipes/image/shapes.yaml`` on the pretrained encoder, then its test split."""
-    encoder, encoder_minutes = shapes_encoder
-    with working_folder(tmp_path_factory.mktemp("image")) as folder:
-        results, minutes = fit_and_test("image/shapes.yaml", "runs/image", "--model.encoder.checkpoint", str(encoder))
-    return RecipeRun(folder, results, {"encoder": encoder_minutes, "adapter": minutes})
+    return _on_shapes_encoder(tmp_path_factory, shapes_encoder, "image/shapes.yaml", "runs/image")
 
 
 @pytest.fixture(scope="session")
 def video_run(tmp_path_factory, shapes_encoder) -> RecipeRun:
     """``recipes/video/moving_shapes.yaml`` on the pretrained frame encoder, then its test split."""
-    encoder, encoder_minutes = shapes_encoder
-    with working_folder(tmp_path_factory.mktemp("video")) as folder:
-        results, minutes = fit_and_test("video/moving_shapes.yaml", "runs/video", "--model.encoder.checkpoint", str(encoder))
-    return RecipeRun(folder, results, {"encoder": encoder_minutes, "adapter": minutes})
+    return _on_shapes_encoder(tmp_path_factory, shapes_encoder, "video/moving_shapes.yaml", "runs/video")
 
 
 @pytest.fixture(scope="session")
