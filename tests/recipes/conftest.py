@@ -1,6 +1,6 @@
 """For the slow end-to-end recipe tests: the pretrained shapes encoder and the image, video and speech
-recipes' runs, each made once per test session in its own working folder (so the learning tests and the
-composition test share them), and a recipe's fit followed by its test split."""
+recipes' runs, each made once per test session in its own working folder (so further tests can reuse the
+trained adapters), and a recipe's fit followed by its test split."""
 
 import contextlib
 import json
