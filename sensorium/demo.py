@@ -59,7 +59,8 @@ STAGES = [
           quick=_QUICK_ENCODER),
     Stage("image adapter", "image/shapes.yaml", "runs/image/adapter/manifest.json", 6.0,
           quick=[*_QUICK_ADAPTER, "--data.num_train", "512"],
-          both=["--model.context_turns", "0.1", "--model.max_len", "160"]),  # also later in a chat
+          # a tenth of the batches later in a chat, at the rate measured for the stage's few minutes
+          both=["--model.context_turns", "0.1", "--model.max_len", "160", "--model.lr", "0.0003"]),
     Stage("video adapter", "video/moving_shapes.yaml", "runs/video/adapter/manifest.json", 4.5,
           full=["--data.num_train", "1000"],  # a few minutes see fewer clips than the recipe's 4000
           quick=[*_QUICK_ADAPTER, "--data.num_train", "128"]),
