@@ -22,7 +22,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,19 @@ def _composed() -> Any:
                              tokenizer=sensorium.load_tokenizer(path))
 
 
+def chat_context(modality: str, media: Mapping[str, tuple[Path, str]]) -> list[dict[str, Any]]:
+    """The earlier turns of the ``in a chat`` evaluation of ``modality``: one turn of each other modality,
+    its question about a test item and the item's reference as the answer (``media``: per modality, the
+    item's file and reference, as :func:`demo_media` gives them)."""
+    turns: list[dict[str, Any]] = []
+    for other in (m for m, *_ in EVALS if m != modality):
+        kind, question = QUESTIONS[other]
+        path, reference = media[other]
+        turns += [{"role": "user", "content": [{"type": kind, kind: str(path)}, {"type": "text", "text": question}]},
+                  {"role": "assistant", "content": reference}]
+    return turns
+
+
 def _evaluate(media: dict[str, tuple[Path, str]], composed: Any, *, quick: bool, log: Any) -> list[dict[str, Any]]:
     """Each modality's evaluation alone, composed, and composed after turns of the other two modalities
     (``media``: per modality, a test item's file and reference, the turns' media and answers; ``composed``:
@@ -150,12 +163,7 @@ def _evaluate(media: dict[str, tuple[Path, str]], composed: Any, *, quick: bool,
     every = [adapter for _, _, _, adapter in EVALS]
     rows = []
     for modality, task, data, adapter in EVALS:
-        context = []
-        for other in (m for m, *_ in EVALS if m != modality):
-            kind, question = QUESTIONS[other]
-            path, reference = media[other]
-            context += [{"role": "user", "content": [{"type": kind, kind: str(path)}, {"type": "text", "text": question}]},
-                        {"role": "assistant", "content": reference}]
+        context = chat_context(modality, media)
         scores = {}
         for mode, adapters, turns in (("alone", [adapter], None), ("composed", every, None), ("in a chat", every, context)):
             print(f"[demo] evaluating {modality} ({mode})", file=log, flush=True)
@@ -182,13 +190,17 @@ def _first_media(data: str, exts: tuple[str, ...], out: Path) -> tuple[Path, str
     raise SensoriumError(f"{shard}: no {'/'.join(exts)} item")
 
 
-def _demo_media() -> dict[str, tuple[Path, str]]:
-    """The first test image, clip and utterance written to ``media/``, with their references."""
-    media = Path("media")
-    media.mkdir(exist_ok=True)
-    return {"image": _first_media("data/shapes", ("png", "jpg"), media / "image"),
-            "video": _first_media("data/moving_shapes", ("mp4",), media / "clip"),
-            "speech": _first_media("data/spoken_words", ("flac", "wav"), media / "speech")}
+MEDIA_EXTS = {"image": ("png", "jpg"), "video": ("mp4",), "speech": ("flac", "wav")}
+
+
+def demo_media(data: Mapping[str, str | Path] | None = None, out: str | Path = "media") -> dict[str, tuple[Path, str]]:
+    """The first test image, clip and utterance written to ``out``, with their references (``data``: per
+    modality, its data folder; by default the demo's)."""
+    data = data or {m: d for m, _, d, _ in EVALS}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {"image": "image", "video": "clip", "speech": "speech"}
+    return {m: _first_media(str(data[m]), MEDIA_EXTS[m], out / names[m]) for m in MEDIA_EXTS}
 
 
 def _conversation(media: dict[str, tuple[Path, str]], model: Any, log: Any) -> list[dict[str, str]]:
@@ -272,7 +284,7 @@ def run_demo(folder: str | Path = "sensorium-demo", *, quick: bool = False, fres
     try:
         t0 = time.perf_counter()
         stage_minutes = _train(STAGES, quick=quick, log=log, until=until)
-        media = _demo_media()
+        media = demo_media()
         composed = _composed()
         rows = _evaluate(media, composed, quick=quick, log=log)
         chat = _conversation(media, composed, log)
