@@ -13,8 +13,9 @@ interrupted demo continues where it stopped (``--fresh`` starts over). The full 
 reserve, each in proportion to its weight, and each stops at its own wall-clock deadline, which counts its
 data generation and feature caching too; a stage that finishes early leaves its time to the next ones, so a
 faster machine trains longer within the same stage shares. The image and speech adapters also train on
-chats that start with earlier turns about other media, so they answer nearly as well in a chat. ``--quick`` trains
-for a few steps on small sets to show the pipeline, not the quality.
+chats that start with earlier turns about other media (a tenth and a quarter of their batches), so they
+answer nearly as well in a chat; the video adapter, which these minutes do not teach direction, trains on
+one-turn chats. ``--quick`` trains for a few steps on small sets to show the pipeline, not the quality.
 """
 
 import html
@@ -63,11 +64,13 @@ STAGES = [
           both=["--model.context_turns", "0.1", "--model.max_len", "160", "--model.lr", "0.0003"]),
     Stage("video adapter", "video/moving_shapes.yaml", "runs/video/adapter/manifest.json", 4.5,
           full=["--data.num_train", "1000"],  # a few minutes see fewer clips than the recipe's 4000
-          quick=[*_QUICK_ADAPTER, "--data.num_train", "128"]),
+          quick=[*_QUICK_ADAPTER, "--data.num_train", "128"],
+          both=["--model.context_turns", "0", "--model.max_len", "64"]),  # one-turn chats: every step counts
     Stage("speech encoder", "speech/spoken_words_encoder.yaml", "runs/speech/encoder/encoder.safetensors", 4.0,
           quick=_QUICK_ENCODER),
     Stage("speech adapter", "speech/spoken_words.yaml", "runs/speech/adapter/manifest.json", 8.0,
-          quick=[*_QUICK_ADAPTER, "--data.num_train", "512"]),  # the recipe trains later-in-a-chat turns too
+          quick=[*_QUICK_ADAPTER, "--data.num_train", "512"],
+          both=["--model.context_turns", "0.25"]),  # a quarter of the batches later in a chat, as measured
 ]
 
 

@@ -108,6 +108,8 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert recipe["context_turns"] == 0.25 and recipe["max_len"] == 160  # speech also trained later in a chat
     recipe = json.loads((tmp_path / "demo/runs/image/adapter/manifest.json").read_text())["recipe"]
     assert recipe["context_turns"] == 0.1 and recipe["max_len"] == 160 and recipe["lr"] == 0.0003  # and the image adapter
+    recipe = json.loads((tmp_path / "demo/runs/video/adapter/manifest.json").read_text())["recipe"]
+    assert recipe["context_turns"] == 0 and recipe["max_len"] == 64  # the video stage's few minutes: one-turn chats
     metrics = json.loads((tmp_path / "demo/reports/speech_in_a_chat/metrics.json").read_text())
     assert [m["role"] for m in metrics["context"]] == ["user", "assistant"] * 2  # an image turn, then a clip turn
     print(f"quick demo: {minutes:.1f} min")
