@@ -2,7 +2,7 @@
 pretrained frame encoder, then the held-out test split.
 
 Slow (20 to 28 minutes on 2 CPU cores: clips and their features 4 to 8, the recipe's 650 training steps
-15 to 22, at most 26 by its own cap): the adapter must name the colour, the shape and the direction of
+15 to 20, at most 22 by its own cap): the adapter must name the colour, the shape and the direction of
 motion (knowable only from several frames) on >= 90 % of the 400 held-out test clips. Runs in a temporary
 working directory, so the recipe's relative paths (data/, runs/) land there.
 """
