@@ -193,7 +193,8 @@ def _first_media(data: str, exts: tuple[str, ...], out: Path) -> tuple[Path, str
     raise SensoriumError(f"{shard}: no {'/'.join(exts)} item")
 
 
-MEDIA_EXTS = {"image": ("png", "jpg"), "video": ("mp4",), "speech": ("flac", "wav")}
+_MEDIA_FILES = {"image": ("image", ("png", "jpg")), "video": ("clip", ("mp4",)), "speech": ("speech", ("flac", "wav"))}
+# modality → (the file's name in the media folder, the extensions its test items may have)
 
 
 def demo_media(data: Mapping[str, str | Path] | None = None, out: str | Path = "media") -> dict[str, tuple[Path, str]]:
@@ -202,8 +203,7 @@ def demo_media(data: Mapping[str, str | Path] | None = None, out: str | Path = "
     data = data or {m: d for m, _, d, _ in EVALS}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    names = {"image": "image", "video": "clip", "speech": "speech"}
-    return {m: _first_media(str(data[m]), MEDIA_EXTS[m], out / names[m]) for m in MEDIA_EXTS}
+    return {m: _first_media(str(data[m]), exts, out / name) for m, (name, exts) in _MEDIA_FILES.items()}
 
 
 def _conversation(media: dict[str, tuple[Path, str]], model: Any, log: Any) -> list[dict[str, str]]:
