@@ -1,6 +1,6 @@
 """Load a Llama backbone from a local checkpoint: HF folder, Meta folder or GGUF file.
 
-Nothing here unpickles: safetensors, ``torch.load(weights_only=True)`` and the ``gguf`` reader only.
+Nothing here unpickles: safetensors, ``torch.load(weights_only=True)`` and the GGUF reader only.
 Keys are converted to the HF layout that :class:`~sensorium.backbone.model.Llama` uses.
 """
 
@@ -9,10 +9,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sensorium.backbone.config import LlamaConfig, RopeScaling
+from sensorium.backbone.gguf_file import GGUFFile
 from sensorium.backbone.model import Llama
 from sensorium.errors import CheckpointError, CheckpointNotFoundError, UnsupportedCheckpointError
 
@@ -297,43 +297,21 @@ _GGUF_KEYS: list[tuple[str, str]] = [
 ]
 
 
-def open_gguf(path: Path):
-    """A ``gguf.GGUFReader`` for ``path``; unreadable files are a CheckpointError."""
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on bad files
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
-
-
-def gguf_field(reader, key: str, default=None):
-    """The decoded value of a GGUF metadata field, or ``default``."""
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+def open_gguf(path: Path) -> GGUFFile:
+    """The opened GGUF file at ``path``; unreadable files are a CheckpointError."""
+    return GGUFFile(path)
 
 
 def _read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], torch.Tensor | None]:
-    from gguf.quants import dequantize
-
     reader = open_gguf(path)
-    arch = gguf_field(reader, "general.architecture")
+    arch = reader.field("general.architecture")
     if arch != "llama":
         raise UnsupportedCheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (expected 'llama')")
-    raw: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        try:
-            values = dequantize(t.data, t.tensor_type)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot dequantise {t.name} ({t.tensor_type.name}: {e})") from e
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
-        raw[t.name] = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+    raw = {name: reader.tensor(name) for name in reader.tensors}
     freq_factors = raw.pop("rope_freqs.weight", None)
 
     def meta(key: str, cast: Callable, default=None):
-        value = gguf_field(reader, f"llama.{key}", default)
+        value = reader.field(f"llama.{key}", default)
         if value is None:
             raise CheckpointError(f"{path}: GGUF metadata lacks llama.{key}")
         return cast(value)
@@ -342,7 +320,7 @@ def _read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], torch.
         raise CheckpointError(f"{path}: GGUF file has no token_embd.weight")
     n_heads = meta("attention.head_count", int)
     dim = meta("embedding_length", int)
-    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    eos = reader.field("tokenizer.ggml.eos_token_id")
     config = LlamaConfig(
         vocab_size=raw["token_embd.weight"].shape[0],
         dim=dim,
@@ -355,7 +333,7 @@ def _read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], torch.
         rope_theta=meta("rope.freq_base", float, 10000.0),
         max_seq_len=meta("context_length", int, 4096),
         tie_word_embeddings="output.weight" not in raw,
-        bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        bos_token_id=reader.field("tokenizer.ggml.bos_token_id"),
         eos_token_ids=(int(eos),) if eos is not None else (),
     )
     state = {}

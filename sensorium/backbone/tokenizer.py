@@ -302,28 +302,28 @@ def _gguf_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
 
 
 def _from_gguf(path: Path, chat_format: str | None) -> Tokenizer:
-    from sensorium.backbone.checkpoint import gguf_field, open_gguf
+    from sensorium.backbone.checkpoint import open_gguf
 
     reader = open_gguf(path)
-    kind = gguf_field(reader, "tokenizer.ggml.model")
+    kind = reader.field("tokenizer.ggml.model")
     if kind != "gpt2":
         raise TokenizerError(f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: 'gpt2' BPE)")
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
-    merges = gguf_field(reader, "tokenizer.ggml.merges") or []
-    types = gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokens = reader.field("tokenizer.ggml.tokens")
+    merges = reader.field("tokenizer.ggml.merges") or []
+    types = reader.field("tokenizer.ggml.token_type") or [1] * len(tokens)
     if not tokens:
         raise TokenizerError(f"{path}: GGUF file has no tokenizer.ggml.tokens")
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = _gguf_pre_tokenizer(gguf_field(reader, "tokenizer.ggml.pre"))
+    tok.pre_tokenizer = _gguf_pre_tokenizer(reader.field("tokenizer.ggml.pre"))
     tok.decoder = decoders.ByteLevel()
     # Control (3) and user-defined (4) tokens are matched whole in text, as llama.cpp does.
     special = [AddedToken(t, special=types[i] == 3, normalized=False) for i, t in enumerate(tokens) if types[i] in (3, 4)]
     tok.add_tokens(special)
-    bos = gguf_field(reader, "tokenizer.ggml.bos_token_id")
-    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
-    template = gguf_field(reader, "tokenizer.chat_template")
+    bos = reader.field("tokenizer.ggml.bos_token_id")
+    eos = reader.field("tokenizer.ggml.eos_token_id")
+    template = reader.field("tokenizer.chat_template")
     fmt_name = chat_format or detect_chat_format(template) or _guess_format(tok)
     fmt: ChatFormat = CHAT_FORMATS[fmt_name]()
     if isinstance(fmt, ChatML) and template:
@@ -335,6 +335,6 @@ def _from_gguf(path: Path, chat_format: str | None) -> Tokenizer:
         bos_id=None if bos is None else int(bos),
         eos_ids=[int(eos)] if eos is not None else [],
         chat_format=fmt,
-        add_bos=bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None,
+        add_bos=bool(reader.field("tokenizer.ggml.add_bos_token", False)) and bos is not None,
         source=str(path),
     )
