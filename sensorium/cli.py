@@ -93,8 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "question-answer chats for instruction tuning).")
     dd.add_argument("name", choices=list(SYNTHETIC_SETS), help="which set")
     dd.add_argument("--out", required=True, help="output folder")
-    dd.add_argument("--num", type=int, default=None,
+    dd.add_argument("--num", type=_count, default=None,
                     help="training samples (default: 4000 images, clips or utterances; 1000 chats)")
+    dd.add_argument("--num-eval", type=_count, default=None,
+                    help="validation and test samples each (default: at least 128 and 256, a twentieth and a "
+                    "tenth of --num)")
     dd.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
     sub.add_parser("features", help="cache a recipe's frozen encoder outputs as feature shards", add_help=False)
@@ -225,11 +228,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _data(args: argparse.Namespace) -> int:
     from sensorium.data.synthetic import make_dataset
 
     num = args.num
-    out = make_dataset(args.name, args.out, num=num, seed=args.seed)
+    out = make_dataset(args.name, args.out, num=num, seed=args.seed, num_eval=args.num_eval)
     print(f"wrote {args.name} to {out}", file=sys.stderr)
     return 0
 

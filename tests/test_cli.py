@@ -56,11 +56,14 @@ def test_generate_streams_plain_continuation(smollm2_gguf, capsys):
     assert rc == 0 and "5" in out
 
 
-@pytest.mark.parametrize("argv", [["generate"], ["nonsense"]])
-def test_usage_errors(argv):
+@pytest.mark.parametrize("argv", [["generate"], ["nonsense"], ["data", "shapes", "--out", "x", "--num-eval", "0"],
+                                  ["data", "shapes", "--out", "x", "--num", "-3"]])
+def test_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+    if "data" in argv:
+        assert "must be at least 1" in capsys.readouterr().err
 
 
 def test_data_command_offers_every_synthetic_set():

@@ -451,8 +451,11 @@ def _spoken_words_instruct_samples(n: int, rng: np.random.Generator) -> Iterator
         yield {"flac": encode_flac(audio), "json": json_}
 
 
-def default_split_sizes(num: int) -> dict[str, int]:
-    """Train size ``num``; validation and test sets sized for stable accuracy figures (test ≥ 256)."""
+def default_split_sizes(num: int, num_eval: int | None = None) -> dict[str, int]:
+    """Train size ``num``; validation and test sets of ``num_eval`` samples each, by default sized for
+    stable accuracy figures (test ≥ 256)."""
+    if num_eval is not None:
+        return {"train": num, "val": num_eval, "test": num_eval}
     return {"train": num, "val": max(128, num // 20), "test": max(256, num // 10)}
 
 
@@ -499,17 +502,21 @@ DEFAULT_TRAIN_SIZES = {  # training samples per set when none is asked for (inst
 VERSION = 2  # bumped when a generator changes; older sets are regenerated on first use
 
 
-def make_dataset(name: str, out: str | Path, *, num: int | None = None, seed: int = 0, per_shard: int = 1000) -> Path:
+def make_dataset(name: str, out: str | Path, *, num: int | None = None, seed: int = 0, per_shard: int = 1000,
+                 num_eval: int | None = None) -> Path:
     """Generate synthetic set ``name`` into ``out`` with train/val/test splits; return ``out``.
 
     Each split has its own random stream, so the test set does not depend on the train size. ``num``
-    is the training size (default: :data:`DEFAULT_TRAIN_SIZES`).
+    is the training size (default: :data:`DEFAULT_TRAIN_SIZES`), ``num_eval`` the validation and test
+    sizes (default: :func:`default_split_sizes`); a smaller test split is the first items of the larger one.
     """
     if name not in GENERATORS:
         raise ValueError(f"unknown synthetic data set {name!r} (known: {', '.join(GENERATORS)})")
     out = Path(out)
     num = DEFAULT_TRAIN_SIZES[name] if num is None else num
-    sizes = default_split_sizes(num)
+    if num < 1 or (num_eval is not None and num_eval < 1):
+        raise ValueError(f"a synthetic set needs at least one sample per split (num={num}, num_eval={num_eval})")
+    sizes = default_split_sizes(num, num_eval)
     for i, (split, n) in enumerate(sizes.items()):
         if (out / split).is_dir():
             shutil.rmtree(out / split)

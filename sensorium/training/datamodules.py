@@ -78,6 +78,8 @@ class ShardDataModule(L.LightningDataModule):
         root: folder with ``train/``, ``val/`` and ``test/`` shard folders.
         synthetic: name of a synthetic set (``shapes``...) generated into ``root`` on first use when absent.
         num_train: training samples to generate for a synthetic set.
+        num_eval: validation and test samples (each) to generate for a synthetic set (default: at least 128
+            and 256, a twentieth and a tenth of ``num_train``).
         seed: generation and shuffling seed.
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (default: ``batch_size``).
@@ -96,6 +98,7 @@ class ShardDataModule(L.LightningDataModule):
         root: str = "data/shapes",
         synthetic: str | None = "shapes",
         num_train: int = 4000,
+        num_eval: int | None = None,
         seed: int = 0,
         batch_size: int = 16,
         eval_batch_size: int | None = None,
@@ -122,7 +125,8 @@ class ShardDataModule(L.LightningDataModule):
             return
         if not is_current(self.root, self.hparams.synthetic):
             print(f"generating synthetic '{self.hparams.synthetic}' data into {self.root}", file=sys.stderr)
-            make_dataset(self.hparams.synthetic, self.root, num=self.hparams.num_train, seed=self.hparams.seed)
+            make_dataset(self.hparams.synthetic, self.root, num=self.hparams.num_train, seed=self.hparams.seed,
+                         num_eval=self.hparams.num_eval)
             return
         splits = (read_set_info(self.root) or {}).get("splits")
         have = splits.get("train") if isinstance(splits, dict) else None

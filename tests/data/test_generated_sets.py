@@ -29,3 +29,35 @@ def test_a_generated_set_is_reused_and_one_of_another_size_is_kept_with_a_warnin
     assert written == []
     ShardDataModule(root=root, synthetic="moving-shapes", num_train=80).ensure_source()  # another set: regenerated
     assert written == [("train", 80), ("val", 128), ("test", 256)]
+
+
+def test_num_eval_sets_the_validation_and_test_sizes(monkeypatch, tmp_path):
+    written = []
+
+    def fake_write(samples, folder, *, total, **kw):
+        written.append((folder.name, total))
+        folder.mkdir(parents=True)
+        return []
+
+    monkeypatch.setattr(synthetic, "write_shards", fake_write)
+    ShardDataModule(root=str(tmp_path / "shapes"), synthetic="shapes", num_train=40, num_eval=16).ensure_source()
+    assert written == [("train", 40), ("val", 16), ("test", 16)]
+    for bad in ({"num": 0}, {"num": 4, "num_eval": 0}):
+        with pytest.raises(ValueError, match="at least one sample per split"):
+            synthetic.make_dataset("shapes", tmp_path / "bad", **bad)
+
+
+def test_a_smaller_test_split_is_the_start_of_the_default_one(tmp_path):
+    import tarfile
+
+    def images(root):
+        out = []
+        for shard in sorted((root / "test").glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                out += [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".jpg")]
+        return out
+
+    small = synthetic.make_dataset("shapes", tmp_path / "small", num=2, num_eval=3)
+    full = synthetic.make_dataset("shapes", tmp_path / "full", num=2)
+    assert synthetic.read_set_info(small)["splits"] == {"train": 2, "val": 3, "test": 3}
+    assert len(images(small)) == 3 and images(small) == images(full)[:3]
