@@ -49,8 +49,11 @@ MINUTES = 29.0  # the full run's default budget
 EVAL_MINUTES = 5.0  # kept from it for composing, evaluating, the conversation and the report (4.4 measured
 # on a 2-core machine with a 0.2 TFLOP/s fp32 matmul peak, 3.5 at 0.35)
 
-_QUICK_ADAPTER = ["--trainer.max_steps", "20", "--trainer.val_check_interval", "20", "--trainer.limit_val_batches", "1"]
-_QUICK_ENCODER = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "30", "--data.num_train", "512"]
+_QUICK_EVAL = ["--data.num_eval", "32"]  # validation and test sets: the quick evaluation reads 8 test items
+_QUICK_ADAPTER = ["--trainer.max_steps", "10", "--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "1",
+                  "--data.batch_size", "8", "--data.eval_batch_size", "8", *_QUICK_EVAL]
+_QUICK_ENCODER = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "30", "--data.num_train", "512",
+                  *_QUICK_EVAL]
 
 # weights: about the minutes each stage took (data included) in a 28-minute run on a 2-core machine with a
 # 0.35 TFLOP/s fp32 matmul peak; the image encoder's, which counts steps (300), covers a 0.2 TFLOP/s machine

@@ -110,6 +110,9 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert recipe["context_turns"] == 0.1 and recipe["max_len"] == 160 and recipe["lr"] == 0.0003  # and the image adapter
     recipe = json.loads((tmp_path / "demo/runs/video/adapter/manifest.json").read_text())["recipe"]
     assert recipe["context_turns"] == 0 and recipe["max_len"] == 64  # the video stage's few minutes: one-turn chats
+    for data, train in (("shapes", 512), ("moving_shapes", 128), ("spoken_words", 512)):  # small quick sets
+        info = json.loads((tmp_path / "demo/data" / data / "info.json").read_text())
+        assert info["splits"] == {"train": train, "val": 32, "test": 32}, data
     metrics = json.loads((tmp_path / "demo/reports/speech_in_a_chat/metrics.json").read_text())
     assert [m["role"] for m in metrics["context"]] == ["user", "assistant"] * 2  # an image turn, then a clip turn
     print(f"quick demo: {minutes:.1f} min")
