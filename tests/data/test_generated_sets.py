@@ -8,15 +8,21 @@ from sensorium.data import synthetic
 from sensorium.training import ShardDataModule
 
 
-def test_a_generated_set_is_reused_and_one_of_another_size_is_kept_with_a_warning(monkeypatch, tmp_path):
-    written = []
+@pytest.fixture
+def written(monkeypatch) -> list[tuple[str, int]]:
+    """The (split, size) of every split generated from now on; nothing is rendered."""
+    out = []
 
-    def fake_write(samples, folder, *, total, **kw):  # record the sizes; render nothing
-        written.append((folder.name, total))
+    def fake_write(samples, folder, *, total, **kw):
+        out.append((folder.name, total))
         folder.mkdir(parents=True)
         return []
 
     monkeypatch.setattr(synthetic, "write_shards", fake_write)
+    return out
+
+
+def test_a_generated_set_is_reused_and_one_of_another_size_is_kept_with_a_warning(written, tmp_path):
     root = str(tmp_path / "shapes")
     ShardDataModule(root=root, synthetic="shapes", num_train=40).ensure_source()
     assert written == [("train", 40), ("val", 128), ("test", 256)]
@@ -31,15 +37,7 @@ def test_a_generated_set_is_reused_and_one_of_another_size_is_kept_with_a_warnin
     assert written == [("train", 80), ("val", 128), ("test", 256)]
 
 
-def test_num_eval_sets_the_validation_and_test_sizes(monkeypatch, tmp_path):
-    written = []
-
-    def fake_write(samples, folder, *, total, **kw):
-        written.append((folder.name, total))
-        folder.mkdir(parents=True)
-        return []
-
-    monkeypatch.setattr(synthetic, "write_shards", fake_write)
+def test_num_eval_sets_the_validation_and_test_sizes(written, tmp_path):
     ShardDataModule(root=str(tmp_path / "shapes"), synthetic="shapes", num_train=40, num_eval=16).ensure_source()
     assert written == [("train", 40), ("val", 16), ("test", 16)]
     for bad in ({"num": 0}, {"num": 4, "num_eval": 0}):
