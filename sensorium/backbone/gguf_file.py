@@ -96,7 +96,10 @@ class GGUFFile:
         self.tensors: dict[str, TensorInfo] = {}
         for name, shape, kind, offset in infos:
             count = int(np.prod(shape, dtype=np.int64))
-            per_block, block_bytes = _block_size(kind)
+            try:
+                per_block, block_bytes = _block_size(kind)
+            except CheckpointError as e:
+                raise CheckpointError(f"{self.path}: tensor {name}: {e}") from None
             if count % per_block:
                 raise CheckpointError(f"{self.path}: tensor {name} of shape {shape} is not a whole number of "
                                       f"GGML type {kind} blocks")

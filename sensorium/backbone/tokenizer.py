@@ -309,10 +309,10 @@ def _from_gguf(path: Path, chat_format: str | None) -> Tokenizer:
     if kind != "gpt2":
         raise TokenizerError(f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: 'gpt2' BPE)")
     tokens = reader.field("tokenizer.ggml.tokens")
-    merges = reader.field("tokenizer.ggml.merges") or []
-    types = reader.field("tokenizer.ggml.token_type") or [1] * len(tokens)
     if not tokens:
         raise TokenizerError(f"{path}: GGUF file has no tokenizer.ggml.tokens")
+    merges = reader.field("tokenizer.ggml.merges") or []
+    types = reader.field("tokenizer.ggml.token_type") or [1] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))

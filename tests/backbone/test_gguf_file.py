@@ -105,6 +105,11 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
     (tmp_path / "empty.gguf").write_bytes(b"")
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
         GGUFFile(tmp_path / "empty.gguf")
+    at = data.index(struct.pack("<Q", 1) + b"w") + 9 + 4 + 2 * 8  # the tensor's type, after its name and dims
+    assert struct.unpack_from("<I", data, at)[0] == 8  # Q8_0
+    (tmp_path / "kind.gguf").write_bytes(data[:at] + struct.pack("<I", 999) + data[at + 4:])
+    with pytest.raises(CheckpointError, match="kind.gguf: tensor w: unknown GGML tensor type 999"):
+        GGUFFile(tmp_path / "kind.gguf")
     (tmp_path / "magic.gguf").write_bytes(b"GGUX" + data[4:])
     with pytest.raises(CheckpointError, match="no GGUF magic number"):
         GGUFFile(tmp_path / "magic.gguf")
