@@ -172,4 +172,6 @@ def test_cli_data_accepts_spoken_words(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(synthetic, "make_dataset", lambda name, out, **kw: calls.append((name, kw)) or Path(out))
     assert cli.main(["data", "spoken-words", "--out", str(tmp_path), "--num", "8", "--seed", "3"]) == 0
-    assert calls == [("spoken-words", {"num": 8, "seed": 3})]
+    assert cli.main(["data", "spoken-words", "--out", str(tmp_path), "--num-eval", "5"]) == 0
+    assert calls == [("spoken-words", {"num": 8, "seed": 3, "num_eval": None}),
+                     ("spoken-words", {"num": None, "seed": 0, "num_eval": 5})]
