@@ -239,8 +239,7 @@ def _count(text: str) -> int:
 def _data(args: argparse.Namespace) -> int:
     from sensorium.data.synthetic import make_dataset
 
-    num = args.num
-    out = make_dataset(args.name, args.out, num=num, seed=args.seed, num_eval=args.num_eval)
+    out = make_dataset(args.name, args.out, num=args.num, seed=args.seed, num_eval=args.num_eval)
     print(f"wrote {args.name} to {out}", file=sys.stderr)
     return 0
 

@@ -297,13 +297,8 @@ _GGUF_KEYS: list[tuple[str, str]] = [
 ]
 
 
-def open_gguf(path: Path) -> GGUFFile:
-    """The opened GGUF file at ``path``; unreadable files are a CheckpointError."""
-    return GGUFFile(path)
-
-
 def _read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], torch.Tensor | None]:
-    reader = open_gguf(path)
+    reader = GGUFFile(path)
     arch = reader.field("general.architecture")
     if arch != "llama":
         raise UnsupportedCheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (expected 'llama')")

@@ -16,10 +16,9 @@ import torch
 
 from sensorium.errors import CheckpointError
 
-_SCALARS = {  # metadata value type → struct format
+_SCALARS = {  # metadata value type → struct format (numpy reads the same codes for arrays)
     0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
 }
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 _BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34)}  # (values, bytes)
@@ -131,8 +130,8 @@ class GGUFFile:
             item, count = self._unpack("<I"), self._unpack("<Q")
             if item == _STRING:
                 return [self._string() for _ in range(count)]
-            if item in _NUMPY:
-                dtype = np.dtype(_NUMPY[item])
+            if item in _SCALARS:
+                dtype = np.dtype(_SCALARS[item])
                 return np.frombuffer(self._read(count * dtype.itemsize), dtype=dtype).tolist()
             return [self._value(item) for _ in range(count)]
         if kind in _SCALARS:
@@ -159,10 +158,10 @@ def _dequantise(raw: torch.Tensor, kind: int) -> torch.Tensor:
     if kind in (F16, BF16):
         return raw.view(torch.float16 if kind == F16 else torch.bfloat16).float()
     if kind == Q8_0:
-        blocks = raw.view(-1, 34)
+        blocks = raw.view(-1, _BLOCKS[Q8_0][1])
         return (blocks[:, :2].view(torch.float16).float() * blocks[:, 2:].view(torch.int8).float()).flatten()
     if kind in (Q4_0, Q4_1):  # a block's 16 bytes hold values 0-15 in their low nibbles, 16-31 in the high ones
-        blocks = raw.view(-1, 18 if kind == Q4_0 else 20)
+        blocks = raw.view(-1, _BLOCKS[kind][1])
         d = blocks[:, :2].view(torch.float16).float()
         qs = blocks[:, 2 if kind == Q4_0 else 4:]
         q = torch.cat([qs & 0x0F, qs >> 4], dim=1)

@@ -302,9 +302,9 @@ def _gguf_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
 
 
 def _from_gguf(path: Path, chat_format: str | None) -> Tokenizer:
-    from sensorium.backbone.checkpoint import open_gguf
+    from sensorium.backbone.gguf_file import GGUFFile
 
-    reader = open_gguf(path)
+    reader = GGUFFile(path)  # unreadable files are a CheckpointError
     kind = reader.field("tokenizer.ggml.model")
     if kind != "gpt2":
         raise TokenizerError(f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: 'gpt2' BPE)")
