@@ -28,7 +28,7 @@ Generation can contrast the prompt with its media against the prompt without the
 classifier-free guidance, ``contrastive_alpha``; see :mod:`sensorium.backbone.generate`).
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ PART_TYPES = {"image": "image", "video": "video", "audio": "speech", "speech": "
 
 
 NO_ENCODER = "no {modality} encoder is composed"
+SHARED_PREFIX_MIN = 16  # shorter shared prefixes are run in every row (the saving would not pay for the extra pass)
 MEDIA_SCOPES = ("until_other", "all")
 
 
@@ -92,6 +93,7 @@ class ComposedModel(nn.Module):
     ) -> None:
         super().__init__()
         self.media_scope = check_media_scope(media_scope)
+        self.share_prefix = True  # a loss computes a prefix all rows share once (see :func:`shared_prefix_length`)
         self.backbone = backbone.requires_grad_(False).eval()
         self.adapters = nn.ModuleDict()
         self.encoders = nn.ModuleDict(dict(encoders or {}))
@@ -254,8 +256,17 @@ class ComposedModel(nn.Module):
         extras = {m: s for m, s in state.items() if isinstance(s, MediaInputs)}
         if labels is None:
             return self.backbone(embeds=x, pad_mask=pad_mask, start=start, extras=extras, last_only=last_only)
-        hidden = self.backbone(embeds=x, pad_mask=pad_mask, start=start, extras=extras, return_hidden=True)
-        return lm_loss(hidden, labels, self.backbone.lm_head)
+        shared = 0
+        if self.share_prefix and start == 0 and pad_mask is None and not self.backbone.caches_enabled:
+            shared = shared_prefix_length(tokens, labels, self.placeholder_ids.values())
+        if shared < SHARED_PREFIX_MIN:
+            hidden = self.backbone(embeds=x, pad_mask=pad_mask, start=start, extras=extras, return_hidden=True)
+            return lm_loss(hidden, labels, self.backbone.lm_head)
+        # The rows start with the same text (earlier turns of a chat) that no medium and no label depends
+        # on: its keys and values are computed once, without gradients, and every row continues from them.
+        prefix = self.backbone.prefix_kv(x[:1, :shared].detach())
+        hidden = self.backbone(embeds=x[:, shared:], prefix=prefix, extras=extras, return_hidden=True)
+        return lm_loss(hidden, labels[:, shared:], self.backbone.lm_head)
 
     def setup_caches(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None) -> None:
         self.backbone.setup_caches(batch_size, max_len, dtype=dtype)
@@ -439,6 +450,18 @@ def media_dim(adapter: nn.Module) -> int | None:
     if perceiver is not None:
         return perceiver.media_dim
     return getattr(getattr(adapter, "config", None), "media_dim", None)
+
+
+def shared_prefix_length(tokens: torch.Tensor, labels: torch.Tensor, placeholder_ids: Iterable[int]) -> int:
+    """How many leading positions of ``tokens`` ``(B, T)`` every row shares, with no placeholder among them
+    and no label up to one past them (the last shared position predicts no target): the prefix a loss can
+    take from one row's keys and values without changing its value or gradients. Leaves at least one
+    position after it."""
+    T = tokens.shape[1]
+    same = (tokens == tokens[:1]).all(0) & ~torch.isin(tokens[0], torch.tensor(list(placeholder_ids), device=tokens.device))
+    unlabelled = (labels == -100).all(0)
+    ok = same & torch.cat([unlabelled[1:], unlabelled.new_zeros(1)])  # position t shares and t + 1 has no label
+    return min(int(ok.long().cumprod(0).sum()), T - 1)
 
 
 def check_media_scope(scope: str) -> str:

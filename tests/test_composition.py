@@ -239,6 +239,63 @@ def test_other_media_start_hand_worked():
         sensorium.compose(tiny_backbone(), [], media_scope="latest")
 
 
+def test_shared_prefix_length_hand_worked():
+    from sensorium.compose import shared_prefix_length
+
+    P, X = 100, -100  # a placeholder id; no label
+    tokens = torch.tensor([[1, 2, 3, 4, 5, P, 7, 8], [1, 2, 3, 4, 6, P, 7, 9]])
+    labels = torch.full_like(tokens, X)
+    assert shared_prefix_length(tokens, labels, [P]) == 4  # rows part at position 4
+    assert shared_prefix_length(tokens[:, [0, 1, 5, 2]], labels[:, :4], [P]) == 2  # a placeholder ends it
+    labels[1, 3] = 9
+    assert shared_prefix_length(tokens, labels, [P]) == 2  # position 2 predicts a label: it is not shared
+    assert shared_prefix_length(tokens[:1, :3], labels[:1, :3], [P]) == 2  # one position is always left
+    assert shared_prefix_length(tokens[:, 4:], labels[:, 4:], [P]) == 0
+
+
+def _loss_and_grads(model, tokens, media, labels):
+    model.zero_grad()
+    loss = model(tokens, media=media, labels=labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.adapters.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "activation_checkpointing"])
+def test_a_loss_after_shared_earlier_turns_equals_running_them_in_every_row(folders, monkeypatch, recompute):
+    """A training batch whose chats start with the same earlier turns computes them once, without
+    gradients: the loss and every adapter gradient equal those of running them in each row."""
+    model = _compose(folders, *MODALITIES).requires_grad_(False)
+    model.adapters.requires_grad_(True)
+    model.backbone.activation_checkpointing = recompute
+    rows_items = [{m: _item(model, m, k)} for k, m in enumerate(MODALITIES)]
+    rows_items.append({m: _item(model, m, 5) for m in MODALITIES})  # all three in one row
+    earlier = [1, 3, *(41 + k % 30 for k in range(24)), 2, 6]  # 28 shared positions, no placeholder, no label
+    body = [_row(model, r) for r in rows_items]
+    T = len(earlier) + max(map(len, body))
+    tokens = torch.tensor([earlier + b + [0] * (T - len(earlier) - len(b)) for b in body])
+    labels = torch.full_like(tokens, -100)
+    for i, b in enumerate(body):  # the answer: the row's last three tokens
+        end = len(earlier) + len(b)
+        labels[i, end - 3 : end] = tokens[i, end - 3 : end]
+    media = _media(rows_items)
+    runs = []
+    prefix_kv = model.backbone.prefix_kv
+    monkeypatch.setattr(model.backbone, "prefix_kv", lambda x: runs.append(x.shape) or prefix_kv(x))
+
+    shared_loss, shared_grads = _loss_and_grads(model, tokens, media, labels)
+    # the earlier turns and the rows' common start (1, 3, 7) ran once, as one row
+    assert runs == [(1, len(earlier) + 3, model.backbone.config.dim)]
+    model.share_prefix = False
+    loss, grads = _loss_and_grads(model, tokens, media, labels)
+    assert len(runs) == 1
+    assert abs(float(shared_loss - loss)) <= 1e-5 * float(loss)
+    assert shared_grads.keys() == grads.keys() and {n.split(".")[0] for n in grads} == set(MODALITIES)
+    scale = max(float(g.abs().max()) for g in grads.values())
+    assert scale > 1e-3  # not vacuous
+    for n, g in grads.items():  # fp32 summation order differs (one prefix row instead of four)
+        assert float((shared_grads[n] - g).abs().max()) <= 1e-5 * scale, n
+
+
 # ------------------------------------------------------------------------------ (c) generate(messages)
 def test_generate_with_image_clip_and_speech_in_one_turn_and_multi_turn(full, tmp_path):
     wav = tmp_path / "utterance.wav"

@@ -3,8 +3,9 @@
 Module and parameter names follow the Hugging Face layout (``model.layers.0.self_attn.q_proj.weight``),
 so HF checkpoints load without renaming and adapters can wrap ``model.layers[i]`` without touching keys.
 The decoder layers take a :class:`DecoderContext` that carries rotary tables, the attention mask, the
-cache position and an ``extras`` dictionary through which wrapping modules (adapters) receive their
-inputs explicitly: nothing is stored on the model between calls except the optional KV cache.
+cache position, the keys and values of a prefix shared by every row (optional) and an ``extras``
+dictionary through which wrapping modules (adapters) receive their inputs explicitly: nothing is stored on
+the model between calls except the optional KV cache.
 """
 
 from dataclasses import dataclass, field
@@ -107,6 +108,8 @@ class DecoderContext:
         is_causal: use the causal fast path (no explicit mask).
         start: cache slot of the first query position.
         extras: inputs for modules that wrap decoder layers (adapters), keyed by their owner.
+        prefix: per self-attention module (keyed by ``id``), keys and values ``(1, n_kv_heads, start,
+            head_dim)`` of a prefix every row continues (see :meth:`Llama.prefix_kv`), or None.
     """
 
     cos: torch.Tensor
@@ -115,6 +118,7 @@ class DecoderContext:
     is_causal: bool
     start: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class Attention(nn.Module):
@@ -137,6 +141,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if self.cache is not None:
             k, v = self.cache.update(ctx.start, k, v)  # (B, KV, S, D)
+        elif ctx.prefix is not None:  # the shared prefix, broadcast over the rows
+            pk, pv = ctx.prefix[id(self)]
+            k, v = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2), torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.n_heads != self.n_kv_heads
         )  # (B, H, T, D)
@@ -236,6 +243,21 @@ class Llama(nn.Module):
     def caches_enabled(self) -> bool:
         return _self_attention(self.model.layers[0]).cache is not None
 
+    @torch.no_grad()
+    def prefix_kv(self, embeds: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of every layer for the prefix ``embeds`` ``(1, P, dim)``, computed without
+        adapter inputs or gradients: ``forward(embeds=rest, prefix=...)`` then continues each row of
+        ``rest`` after it, as if the prefix stood in front of every row."""
+        assert embeds.shape[0] == 1, "a shared prefix is one row"
+        assert not self.caches_enabled, "prefix_kv needs the KV caches cleared"
+        self.setup_caches(1, embeds.shape[1], dtype=embeds.dtype)
+        try:
+            self(embeds=embeds, last_only=True)
+            attns = [_self_attention(layer) for layer in self.model.layers]
+            return {id(a): (a.cache.k, a.cache.v) for a in attns}
+        finally:
+            self.clear_caches()
+
     # --------------------------------------------------------------------------------------- forward
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings ``(B, T, dim)``; ids outside the vocabulary are an error."""
@@ -256,6 +278,7 @@ class Llama(nn.Module):
         pad_mask: torch.Tensor | None = None,
         start: int = 0,
         extras: dict[str, Any] | None = None,
+        prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
     ) -> torch.Tensor:
@@ -268,14 +291,21 @@ class Llama(nn.Module):
                 generation); positions then count real tokens only.
             start: cache slot of the first input position (non-zero only with a KV cache).
             extras: inputs for wrapping modules (see :class:`DecoderContext`).
+            prefix: what :meth:`prefix_kv` gave for a prefix of P positions: the input continues every row
+                after it (positions from P; no KV cache).
             last_only: compute logits for the last position only.
             return_hidden: return the final normed hidden states instead of logits.
         """
         assert (tokens is None) != (embeds is None), "give exactly one of tokens and embeds"
         x = self.embed(tokens) if embeds is None else embeds  # (B, T, dim)
         B, T, _ = x.shape
-        assert start == 0 or self.caches_enabled, "start > 0 needs a KV cache (setup_caches)"
+        if prefix is not None:
+            assert not self.caches_enabled and pad_mask is None and start == 0, "a prefix goes without a KV cache"
+            start = next(iter(prefix.values()))[0].shape[2]
+        else:
+            assert start == 0 or self.caches_enabled, "start > 0 needs a KV cache (setup_caches)"
         ctx = self._context(B, T, start, pad_mask, x.device, extras)
+        ctx.prefix = prefix
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and not self.caches_enabled
         for layer in self.model.layers:
             if recompute:

@@ -69,10 +69,12 @@ class ChatCollator:
         max_len: longest sequence in tokens.
         pad_id: id for padding positions.
         features: the items are cached encoder outputs (batched under ``"features"``), not raw media.
-        context_turns: share of batches whose chats each get one or two earlier text-only turns about media
-            of the other modalities (:func:`~sensorium.data.synthetic.earlier_turns`, drawn from the
-            sample's key; not trained on), so an adapter learns to work later in a conversation about other
-            media too. Whole batches, so the others are not padded to the longer chats. 0 (default): none.
+        context_turns: share of batches whose chats start with one or two earlier text-only turns about
+            media of the other modalities (:func:`~sensorium.data.synthetic.earlier_turns`, drawn from the
+            key of the batch's first sample; not trained on), so an adapter learns to work later in a
+            conversation about other media too. Whole batches, so the others are not padded to the longer
+            chats; the chats of a batch share their earlier turns, so the model computes them once (see
+            :func:`~sensorium.compose.shared_prefix_length`). 0 (default): none.
     """
 
     def __init__(
@@ -100,24 +102,30 @@ class ChatCollator:
         self._text_ids = {tokenizer.placeholder_ids[PLACEHOLDER_OF[m]]: m for m in self.placeholder_ids}
 
     # ------------------------------------------------------------------------------------ per sample
-    def messages(self, sample: Mapping[str, Any], *, context: bool = False) -> list[dict[str, Any]]:
+    def messages(self, sample: Mapping[str, Any], *, context: bool | Sequence[Mapping[str, Any]] = False
+                 ) -> list[dict[str, Any]]:
         """The chat of a sample (caption samples become one user/assistant turn); ``context``: after earlier
-        text-only turns (see ``context_turns``)."""
+        text-only turns (see ``context_turns``), drawn from the sample's key when True, or these turns."""
         if "messages" in sample:
             msgs = [dict(m) for m in sample["messages"]]
         else:
             marks = "".join(PLACEHOLDER_OF[m] * len(items) for m, items in sample.get("media", {}).items())
             msgs = [{"role": "user", "content": marks + self.prompt}, {"role": "assistant", "content": sample["text"]}]
         if context:
-            from sensorium.data.synthetic import earlier_turns
-
             head = 1 if msgs[0]["role"] == "system" else 0
-            msgs = [*msgs[:head], *earlier_turns(_key_rng(sample), self.earlier_kinds), *msgs[head:]]
+            earlier = self.earlier_turns(sample) if context is True else context
+            msgs = [*msgs[:head], *(dict(m) for m in earlier), *msgs[head:]]
         if self.system is not None and not (msgs and msgs[0]["role"] == "system"):
             msgs = [{"role": "system", "content": self.system}, *msgs]
         return msgs
 
-    def encode(self, sample: Mapping[str, Any], *, context: bool = False
+    def earlier_turns(self, sample: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The earlier turns drawn from ``sample``'s key (see ``context_turns``)."""
+        from sensorium.data.synthetic import earlier_turns
+
+        return earlier_turns(_key_rng(sample), self.earlier_kinds)
+
+    def encode(self, sample: Mapping[str, Any], *, context: bool | Sequence[Mapping[str, Any]] = False
                ) -> tuple[list[int], list[int], dict[str, list[Any]]]:
         """Token ids, labels and the media items kept after truncation (``context``: see :meth:`messages`)."""
         msgs = self.messages(sample, context=context)
@@ -199,7 +207,9 @@ class ChatCollator:
         rows, media_items = [], {m: [] for m in self.placeholder_ids}
         counts = {m: [] for m in self.placeholder_ids}
         keys, extra = [], []
-        context = bool(good) and self.context_turns > 0 and _key_rng(good[0], 1).random() < self.context_turns
+        context: list[dict[str, Any]] | bool = False
+        if good and self.context_turns > 0 and _key_rng(good[0], 1).random() < self.context_turns:
+            context = self.earlier_turns(good[0])  # one set for the whole batch
         for s in good:
             try:
                 ids, labels, kept = self.encode(s, context=context)

@@ -93,6 +93,20 @@ def test_context_turns_are_drawn_per_batch():
         _collator(context_turns=1.5)
 
 
+def test_the_chats_of_a_batch_share_their_earlier_turns():
+    from sensorium.compose import shared_prefix_length
+
+    c = _collator(tokens_per_item={"image": 2}, prompt="what is this ?", context_turns=1.0)
+    samples = [{"text": f"a w{j} .", "media": {"image": [torch.zeros(3, 2, 2)]}, "__key__": f"k{j}"} for j in range(6)]
+    assert len({str(c.earlier_turns(s)) for s in samples}) > 1  # each key alone would draw other turns
+    b, turns = c(samples), c.earlier_turns(samples[0])
+    for i, s in enumerate(samples):  # every chat has the first sample's earlier turns
+        ids, labels, _ = c.encode(s, context=turns)
+        assert b.tokens[i, : len(ids)].tolist() == ids and b.labels[i, : len(ids)].tolist() == labels
+    words = len(c.tokenizer.encode(" ".join(m["content"] for m in turns)))
+    assert shared_prefix_length(b.tokens, b.labels, [PH]) > words  # all of them computed once
+
+
 def test_bad_samples_are_skipped_and_reported():
     c = _collator()
     b = c([{"__bad__": "broken jpg", "__key__": "x", "__url__": "s.tar"},
