@@ -14,15 +14,19 @@ two adapters put blocks in front of the same decoder layer they run in the order
 An adapter that does not fit the backbone (another width, blocks past its last layer, a folder trained on
 another backbone shape) or its encoder is refused with an error that names the adapter folder.
 
-Media scope (``media_scope``): by default (``"until_other"``) an image or clip is seen by the text after it
-until media of another modality arrive: the next run of placeholders (placeholders side by side, such as
-the media parts of one message) that holds another modality's item ends its window. Adapters trained one
-at a time never saw text about another medium, so in a chat of an image turn, then a clip turn, then a
-speech turn, each turn's text and answer are conditioned on its own medium only (earlier turns stay in the
-self-attention context as text, as does spliced speech). Media of one run (``--image a.jpg --audio b.wav``
-in one message) are all seen by the text that follows them, and several images stay visible together.
-``"all"`` keeps the Flamingo rule across modalities: every earlier medium stays visible. With one
-modality in the text the two are the same.
+Media scope (``media_scope``): an image or clip is seen by the text after it until media of another
+modality arrive: the next run of placeholders (placeholders side by side, such as the media parts of one
+message) that holds another modality's item ends its window. Adapters trained one at a time never saw
+text about another medium, nor earlier turns that another adapter had acted on: they learnt to follow
+earlier turns as plain text. So by default (``"current"``) a medium whose window has ended acts on no
+position at all: in a chat of an image turn, then a clip turn, then a speech turn, the image and clip
+turns read as the backbone alone reads their words (as the adapters saw earlier turns in training) and
+only the speech turn, the current one, has its medium (spliced speech stays in the context as it is).
+``"until_other"`` keeps an ended medium acting on the text of its own window, whose states the later
+turns then attend to. Media of one run (``--image a.jpg --audio b.wav`` in one message) are all seen by
+the text that follows them, and several images stay visible together. ``"all"`` keeps the Flamingo rule
+across modalities: every earlier medium stays visible. With one modality in the text the three are the
+same.
 
 Generation can contrast the prompt with its media against the prompt without them (CM3Leon-style
 classifier-free guidance, ``contrastive_alpha``; see :mod:`sensorium.backbone.generate`).
@@ -50,7 +54,7 @@ PART_TYPES = {"image": "image", "video": "video", "audio": "speech", "speech": "
 
 NO_ENCODER = "no {modality} encoder is composed"
 SHARED_PREFIX_MIN = 16  # shorter shared prefixes are run in every row (the saving would not pay for the extra pass)
-MEDIA_SCOPES = ("until_other", "all")
+MEDIA_SCOPES = ("current", "until_other", "all")
 
 
 class MediaMismatchError(SensoriumError, ValueError):
@@ -79,7 +83,8 @@ class ComposedModel(nn.Module):
         adapters: adapters, at most one per modality.
         encoders: frozen encoders keyed by modality (needed for raw media; not for precomputed features).
         tokenizer: used by :meth:`generate`; its placeholder ids are aligned with the backbone's vocabulary.
-        media_scope: ``"until_other"`` (default) or ``"all"``: how long text sees a medium (module docstring).
+        media_scope: ``"current"`` (default), ``"until_other"`` or ``"all"``: how long text sees a medium
+            (module docstring).
     """
 
     def __init__(
@@ -89,7 +94,7 @@ class ComposedModel(nn.Module):
         *,
         encoders: Mapping[str, nn.Module] | None = None,
         tokenizer: Tokenizer | None = None,
-        media_scope: str = "until_other",
+        media_scope: str = "current",
     ) -> None:
         super().__init__()
         self.media_scope = check_media_scope(media_scope)
@@ -492,7 +497,7 @@ def other_media_start(tokens: torch.Tensor, placeholder_ids: Mapping[str, int], 
 
 def prepare_media(adapters: Mapping[str, nn.Module], encoders: Mapping[str, nn.Module], placeholder_ids: Mapping[str, int],
                   tokens: torch.Tensor, media: Mapping[str, Mapping[str, Any]] | None, *, dim: int,
-                  owner: str, no_encoder: str = "no {modality} encoder", scope: str = "until_other") -> dict[str, Any]:
+                  owner: str, no_encoder: str = "no {modality} encoder", scope: str = "current") -> dict[str, Any]:
     """Encode and project ``media`` for ``tokens`` ``(B, T)``: per modality, cross-attention inputs
     (:class:`MediaInputs`) or splice embeddings ``(positions, dim)``. ``owner`` words the errors
     ("no image adapter is composed" / "is attached"); ``no_encoder`` is the message for raw media without
@@ -532,10 +537,14 @@ def prepare_media(adapters: Mapping[str, nn.Module], encoders: Mapping[str, nn.M
             state[modality] = ComposedModel._cross_attention_inputs(adapter, values, counts, is_ph)
         else:
             state[modality] = adapter(values).reshape(-1, dim)  # (I*N, dim)
-    if check_media_scope(scope) == "until_other" and len(present) > 1:
+    if check_media_scope(scope) != "all" and len(present) > 1:
         for modality, inputs in state.items():
             if isinstance(inputs, MediaInputs):
-                inputs.token_end = other_media_start(tokens, placeholder_ids, modality, inputs.token_slot)
+                end = other_media_start(tokens, placeholder_ids, modality, inputs.token_slot)
+                if scope == "until_other":
+                    inputs.token_end = end
+                else:  # "current": an item whose window has ended acts on no position at all
+                    inputs.token_valid = inputs.token_valid & (end == torch.iinfo(torch.long).max)
     return state
 
 
@@ -597,7 +606,7 @@ def compose(
     *,
     tokenizer: Tokenizer | None = None,
     strict: bool = False,
-    media_scope: str = "until_other",
+    media_scope: str = "current",
 ) -> ComposedModel:
     """One model from a backbone and trained adapters (modules or adapter folders).
 
@@ -610,7 +619,8 @@ def compose(
         adapters: adapter modules or folders, at most one per modality.
         tokenizer: needed for :meth:`ComposedModel.generate`.
         strict: refuse a backbone whose embedding weights differ from the adapter's (else a warning).
-        media_scope: ``"until_other"`` (default) or ``"all"``: how long text sees a medium (module docstring).
+        media_scope: ``"current"`` (default), ``"until_other"`` or ``"all"``: how long text sees a medium
+            (module docstring).
 
     Raises:
         AdapterMismatchError: an adapter does not fit the backbone or its encoder (the error names its folder).

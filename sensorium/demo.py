@@ -211,7 +211,7 @@ def demo_media(data: Mapping[str, str | Path] | None = None, out: str | Path = "
 
 def _conversation(media: dict[str, tuple[Path, str]], model: Any, log: Any) -> list[dict[str, str]]:
     """One conversation with an image, a clip and speech, answered by the composed model turn by turn
-    (each medium is seen until the next turn's medium of another modality: ``media_scope="until_other"``)."""
+    (each medium acts while its turn is the current one; earlier turns read as text: ``media_scope="current"``)."""
     chat: list[dict[str, Any]] = []
     out = []
     for modality, (item, reference) in media.items():

@@ -6,6 +6,7 @@ absent must leave the result exactly as its adapter alone would give it; each ad
 only; a mixed conversation runs; an adapter for another backbone is refused by folder name.
 """
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -159,10 +160,21 @@ def test_each_adapter_sees_only_its_own_media(full):
     assert set(full.backbone.layers[0].blocks[i][0] for i in range(2)) == {"image", "video"}
 
 
-def test_mixed_prompt_runs_and_each_medium_changes_what_follows_it(full):
+@contextlib.contextmanager
+def _scope(model: ComposedModel, scope: str):
+    default = model.media_scope
+    model.media_scope = scope
+    try:
+        yield
+    finally:
+        model.media_scope = default
+
+
+@pytest.mark.parametrize("scope", ["until_other", "current"])
+def test_mixed_prompt_runs_and_each_medium_changes_what_follows_it(full, scope):
     items = {m: _item(full, m, 1) for m in MODALITIES}
-    tokens = torch.tensor([_row(full, items)])
-    with torch.no_grad():
+    tokens = torch.tensor([_row(full, items)])  # text, image, text, clip, text, speech, text
+    with torch.no_grad(), _scope(full, scope):
         base = full(tokens, media=_media([items]))
         assert bool(torch.isfinite(base).all())
         for m in MODALITIES:
@@ -170,6 +182,9 @@ def test_mixed_prompt_runs_and_each_medium_changes_what_follows_it(full):
             changed = full(tokens, media=_media([other]))
             first = int((tokens[0] == full.placeholder_ids[m]).nonzero()[0])
             assert torch.equal(changed[0, :first], base[0, :first]), m  # nothing before the medium moves
+            if scope == "current" and m != "speech":  # a medium another modality followed leaves no trace
+                assert torch.equal(changed, base), m
+                continue
             # what follows does (float noise here is ~1e-7; random clips through a random encoder differ least)
             assert float((changed[0, first:] - base[0, first:]).abs().max()) > 1e-3, m
 
@@ -193,20 +208,22 @@ def _block_deltas(model: ComposedModel, tokens: torch.Tensor, media: dict) -> di
     return deltas
 
 
-@pytest.mark.parametrize("scope", ["until_other", "all"])
+@pytest.mark.parametrize("scope", ["until_other", "current", "all"])
 def test_a_medium_is_seen_until_media_of_another_modality_arrive(full, scope):
     items = {m: _item(full, m, 1) for m in MODALITIES}
     tokens = torch.tensor([_row(full, items)])  # text, image, text, clip, text, speech, text
     first = {m: int((tokens[0] == full.placeholder_ids[m]).nonzero()[0]) for m in MODALITIES}
-    full.media_scope = scope
-    try:
+    with _scope(full, scope):
         deltas = _block_deltas(full, tokens, _media([items]))
-    finally:
-        full.media_scope = "until_other"
+        last = _block_deltas(full, tokens[:, : first["speech"]], _media([{m: items[m] for m in ("image", "video")}]))
+    assert bool((last["video"][first["video"] :] > 0).all())  # the latest medium: seen to the end, in every scope
     for m, end in (("image", first["video"]), ("video", first["speech"])):
         assert float(deltas[m][: first[m]].abs().max()) == 0.0, m  # nothing before the medium
-        assert bool((deltas[m][first[m] : end] > 0).all()), m  # its own stretch of text sees it
         after = deltas[m][end:]
+        if scope == "current":  # another modality followed it: its blocks act nowhere, its turn reads as text
+            assert float(deltas[m].max()) == 0.0, m
+            continue
+        assert bool((deltas[m][first[m] : end] > 0).all()), m  # its own stretch of text sees it
         if scope == "until_other":
             assert float(after.max()) == 0.0, m  # blocks give exactly zero once another modality arrived
         else:

@@ -91,7 +91,7 @@ class EvalConfig:
             "image", "image": PATH}``, likewise ``video`` and ``audio``). Their media need their adapters
             among ``adapters``; they are encoded once.
         media_scope: how long text sees an image or clip in a conversation with media of several modalities:
-            ``"until_other"`` (default) or ``"all"`` (see :mod:`sensorium.compose`).
+            ``"current"`` (default), ``"until_other"`` or ``"all"`` (see :mod:`sensorium.compose`).
         contrastive_alpha: contrastive decoding weight α (0, the default, is plain greedy decoding; see
             :meth:`sensorium.compose.ComposedModel.generate_ids`).
     """
@@ -112,7 +112,7 @@ class EvalConfig:
     device: str = "cpu"
     report_samples: int | None = 1000
     context: list[dict] | None = None
-    media_scope: str = "until_other"
+    media_scope: str = "current"
     contrastive_alpha: float = 0.0
 
     def __post_init__(self) -> None:

@@ -364,7 +364,7 @@ def test_cli_overrides_out_and_max_samples(setup):
     ({"context": [{"role": "robot", "content": "hi"}]}, "context[0]: a context message is {role: user | assistant"),
     ({"context": [{"role": "user", "content": [{"type": "smell", "smell": "x"}]}]},
      "context[0]: a part is {type: text | image | video | audio"),
-    ({"media_scope": "latest"}, "media_scope must be one of until_other, all, got 'latest'"),
+    ({"media_scope": "latest"}, "media_scope must be one of current, until_other, all, got 'latest'"),
     ({"contrastive_alpha": -1}, "contrastive_alpha must be a finite number >= 0, got -1.0"),
     ({"contrastive_alpha": "strong"}, "contrastive_alpha must be a number, got 'strong'"),
     ({"data": "{root}/shapes"}, None),  # fine: the generated set's test split (not run: see below)
