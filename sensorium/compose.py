@@ -98,7 +98,8 @@ class ComposedModel(nn.Module):
     ) -> None:
         super().__init__()
         self.media_scope = check_media_scope(media_scope)
-        self.share_prefix = True  # a loss computes a prefix all rows share once (see :func:`shared_prefix_length`)
+        # a loss computes a prefix all rows share once (see :func:`shared_prefix_length`; not under FSDP)
+        self.share_prefix = True
         self.backbone = backbone.requires_grad_(False).eval()
         self.adapters = nn.ModuleDict()
         self.encoders = nn.ModuleDict(dict(encoders or {}))
@@ -262,7 +263,8 @@ class ComposedModel(nn.Module):
         if labels is None:
             return self.backbone(embeds=x, pad_mask=pad_mask, start=start, extras=extras, last_only=last_only)
         shared = 0
-        if self.share_prefix and start == 0 and pad_mask is None and not self.backbone.caches_enabled:
+        if (self.share_prefix and start == 0 and pad_mask is None and not self.backbone.caches_enabled
+                and not _sharded(self.backbone)):
             shared = shared_prefix_length(tokens, labels, self.placeholder_ids.values())
         if shared < SHARED_PREFIX_MIN:
             hidden = self.backbone(embeds=x, pad_mask=pad_mask, start=start, extras=extras, return_hidden=True)
@@ -455,6 +457,15 @@ def media_dim(adapter: nn.Module) -> int | None:
     if perceiver is not None:
         return perceiver.media_dim
     return getattr(getattr(adapter, "config", None), "media_dim", None)
+
+
+def _sharded(module: nn.Module) -> bool:
+    """Whether ``module`` holds FSDP units: their forwards gather parameters from every rank, so an extra pass
+    on one rank (a shared prefix that another rank's batch does not have) would leave the ranks waiting."""
+    from torch.distributed import fsdp
+
+    kinds = tuple(k for k in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)) if k)
+    return any(isinstance(m, kinds) for m in module.modules())
 
 
 def shared_prefix_length(tokens: torch.Tensor, labels: torch.Tensor, placeholder_ids: Iterable[int]) -> int:
