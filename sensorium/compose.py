@@ -263,10 +263,9 @@ class ComposedModel(nn.Module):
         if labels is None:
             return self.backbone(embeds=x, pad_mask=pad_mask, start=start, extras=extras, last_only=last_only)
         shared = 0
-        if (self.share_prefix and start == 0 and pad_mask is None and not self.backbone.caches_enabled
-                and not _sharded(self.backbone)):
+        if self.share_prefix and start == 0 and pad_mask is None and not self.backbone.caches_enabled:
             shared = shared_prefix_length(tokens, labels, self.placeholder_ids.values())
-        if shared < SHARED_PREFIX_MIN:
+        if shared < SHARED_PREFIX_MIN or _sharded(self.backbone):  # the module walk only where a prefix is shared
             hidden = self.backbone(embeds=x, pad_mask=pad_mask, start=start, extras=extras, return_hidden=True)
             return lm_loss(hidden, labels, self.backbone.lm_head)
         # The rows start with the same text (earlier turns of a chat) that no medium and no label depends
