@@ -230,7 +230,7 @@ class VideoCrossAttentionAdapter(CrossAttentionAdapter):
         self.perceiver = PerceiverResampler(perceiver)
 
     def resample(self, features: torch.Tensor) -> torch.Tensor:
-        """Encoder tokens ``(I, F * N, D)`` → latents ``(I, groups * num_latents, dim)``."""
+        """Encoder tokens ``(I, F * N, D)`` → latents ``(I, perceiver.tokens_out, dim)``."""
         I, FN, D = features.shape
         Fr = self.perceiver_config.num_frames
         assert FN % Fr == 0, f"{FN} tokens per clip do not split into {Fr} frames"

@@ -7,6 +7,9 @@ what direction of motion needs. With ``tokens_per_frame``, a learned embedding p
 frame is added too: features of a convolutional encoder say what is in a cell but not where the cell is,
 and motion is a change of cell. With ``positions_in_keys_only`` these embeddings steer the attention (they
 are added to the keys) but are kept out of the values, as in DETR: what the latents read is content alone.
+With ``motion_summary`` each group's output also carries one token of the net change of the pooled
+features from the group's first frame to its last: the motion over the group, readable by the blocks
+without the latents having to learn to compare frames first.
 """
 
 from dataclasses import dataclass
@@ -36,6 +39,9 @@ class PerceiverConfig:
             keys only, not to the values.
         position_value_heads: with ``positions_in_keys_only``, the last this-many heads take the embeddings
             into their values too: they read where and when, the other heads content alone.
+        motion_summary: append to each group's latents one token made from the normalised change of the
+            mean-pooled features from the group's first frame to its last (needs ``motion_tokens``, whose
+            normalisation it shares).
     """
 
     media_dim: int
@@ -49,6 +55,7 @@ class PerceiverConfig:
     motion_tokens: bool = False
     positions_in_keys_only: bool = False
     position_value_heads: int = 0
+    motion_summary: bool = False
 
     def __post_init__(self) -> None:
         self.group = min(self.group, self.num_frames)
@@ -60,6 +67,8 @@ class PerceiverConfig:
             raise ValueError(f"position_value_heads must be in 0..{self.n_heads}, got {self.position_value_heads}")
         if self.position_value_heads and not self.positions_in_keys_only:
             raise ValueError("position_value_heads needs positions_in_keys_only")
+        if self.motion_summary and not self.motion_tokens:
+            raise ValueError("motion_summary needs motion_tokens")
 
     @property
     def groups(self) -> int:
@@ -138,7 +147,7 @@ class PerceiverResampler(nn.Module):
     @property
     def tokens_out(self) -> int:
         """Output tokens per clip."""
-        return self.config.groups * self.config.num_latents
+        return self.config.groups * (self.config.num_latents + self.config.motion_summary)
 
     def scale_position_embeddings_(self, factor: float) -> "PerceiverResampler":
         """Multiply the frame, token-position and motion-type embeddings (drawn at unit scale) by ``factor``:
@@ -156,7 +165,15 @@ class PerceiverResampler(nn.Module):
         change = torch.cat([torch.zeros_like(pooled[:, :1]), pooled[:, 1:] - pooled[:, :-1]], dim=1)
         return self.motion_norm(change)
 
+    def motion_over_groups(self, frames: torch.Tensor) -> torch.Tensor:
+        """``(I, F, N, D)`` frame tokens → ``(I, F // group, D)``: the normalised change of the mean-pooled
+        features from each group's first frame to its last."""
+        I, Fr, _, D = frames.shape
+        pooled = frames.mean(2).view(I, Fr // self.config.group, self.config.group, D)
+        return self.motion_norm(pooled[:, :, -1] - pooled[:, :, 0])
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """``(I, F, N, media_dim)`` → ``(I, F // group, num_latents (+ 1 with motion_summary), dim)``."""
         I, Fr, N, D = frames.shape
         G = self.config.group
         assert Fr == self.config.num_frames, f"expected {self.config.num_frames} frames per clip, got {Fr}"
@@ -178,4 +195,7 @@ class PerceiverResampler(nn.Module):
         for layer in self.layers:
             latents = layer(x, latents, key_position)
         out = self.norm(latents).view(I, Fr // G, self.config.num_latents, -1)  # (I, F/G, L, dim)
+        if self.config.motion_summary:
+            summary = self.norm(self.in_proj(self.motion_over_groups(frames)))  # (I, F/G, dim)
+            out = torch.cat([out, summary[:, :, None]], dim=2)  # (I, F/G, L + 1, dim)
         return out + self.group_embedding[None, :, None, :]

@@ -258,7 +258,7 @@ class AdapterModule(L.LightningModule):
         no_decay = [p for p in params if p.ndim < 2]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr, betas=(0.9, 0.95),
+            lr=self.hparams.lr, betas=(0.9, 0.95), eps=self.hparams.get("adam_eps", 1e-8),
         )
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1000
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -301,6 +301,8 @@ class ImageAdapterModule(AdapterModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps.
         min_lr_ratio: final LR as a fraction of the peak (cosine schedule over ``trainer.max_steps``).
+        adam_eps: AdamW's epsilon: clipped gradients of most adapter weights start below the default 1e-8,
+            where it shrinks their updates; a smaller one lets them move from the first steps.
         adapter_dir: where the adapter folder is written.
         init_adapter: start from this adapter folder (evaluation or further training).
         max_bad_fraction: fail when more of the training samples than this were unreadable.
@@ -331,6 +333,7 @@ class ImageAdapterModule(AdapterModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
         min_lr_ratio: float = 0.1,
+        adam_eps: float = 1e-8,
         adapter_dir: str = "runs/image/adapter",
         init_adapter: str | None = None,
         max_bad_fraction: float = 0.05,
@@ -379,6 +382,8 @@ class VideoAdapterModule(AdapterModule):
             attention keys only: the values the latents read stay pure content.
         position_value_heads: with ``positions_in_keys_only``, this many of the perceiver's heads take the
             embeddings into their values too (they read where and when; the others content alone).
+        motion_summary: give the blocks one more token per group of frames: the change of the pooled features
+            from its first frame to its last (needs ``motion_tokens``).
         position_scale: initial scale of the perceiver's frame, token-position and motion-type embeddings
             (1: unit scale, like the normalised tokens).
         every: blocks in front of every ``every``-th decoder layer (when no image adapter is given).
@@ -392,6 +397,8 @@ class VideoAdapterModule(AdapterModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps.
         min_lr_ratio: final LR as a fraction of the peak (cosine schedule over ``trainer.max_steps``).
+        adam_eps: AdamW's epsilon: clipped gradients of most adapter weights start below the default 1e-8,
+            where it shrinks their updates; a smaller one lets them move from the first steps.
         adapter_dir: where the adapter folder is written.
         init_adapter: start from this video adapter folder (evaluation or further training).
         max_bad_fraction: fail when more of the training samples than this were unreadable.
@@ -419,6 +426,7 @@ class VideoAdapterModule(AdapterModule):
         motion_tokens: bool = True,
         positions_in_keys_only: bool = True,
         position_value_heads: int = 4,
+        motion_summary: bool = False,
         position_scale: float = 1.0,
         every: int = 4,
         image_adapter: str | None = None,
@@ -430,6 +438,7 @@ class VideoAdapterModule(AdapterModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
         min_lr_ratio: float = 0.1,
+        adam_eps: float = 1e-8,
         adapter_dir: str = "runs/video/adapter",
         init_adapter: str | None = None,
         max_bad_fraction: float = 0.05,
@@ -449,7 +458,7 @@ class VideoAdapterModule(AdapterModule):
                                         num_frames=num_frames, group=group, depth=perceiver_depth,
                                         tokens_per_frame=enc.tokens_per_frame if token_positions else 0,
                                         motion_tokens=motion_tokens, positions_in_keys_only=positions_in_keys_only,
-                                        position_value_heads=position_value_heads)
+                                        position_value_heads=position_value_heads, motion_summary=motion_summary)
             cfg = CrossAttentionConfig.for_backbone(bb.config, width, layers=layers)
             module = VideoCrossAttentionAdapter(cfg, perceiver, modality="video")
             module.perceiver.scale_position_embeddings_(position_scale)

@@ -184,6 +184,8 @@ class SpeechAdapterModule(AdapterModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps.
         min_lr_ratio: final LR as a fraction of the peak.
+        adam_eps: AdamW's epsilon: clipped gradients of most adapter weights start below the default 1e-8,
+            where it shrinks their updates; a smaller one lets them move from the first steps.
         adapter_dir: where the adapter folder is written.
         init_adapter: start from this speech adapter folder.
         max_bad_fraction: fail when more of the training samples than this were unreadable.
@@ -212,6 +214,7 @@ class SpeechAdapterModule(AdapterModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 30,
         min_lr_ratio: float = 0.1,
+        adam_eps: float = 1e-8,
         adapter_dir: str = "runs/speech/adapter",
         init_adapter: str | None = None,
         max_bad_fraction: float = 0.05,

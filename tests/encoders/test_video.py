@@ -124,16 +124,40 @@ def test_motion_tokens_carry_the_change_between_frames_and_not_what_stays():
     assert (p(backwards) - p(x)).abs().max() > 1e-3
 
 
-def _video_adapter(bb, enc_dim=768, layers=(0, 2)):
+def test_motion_summary_is_one_more_token_per_group_holding_the_net_change_over_the_group():
+    cfg = PerceiverConfig(media_dim=12, dim=16, num_latents=3, num_frames=8, group=4, depth=1, n_heads=4,
+                          motion_tokens=True, motion_summary=True)
+    p = randomise(PerceiverResampler(cfg))
+    plain = PerceiverResampler(PerceiverConfig(**{**cfg.__dict__, "motion_summary": False}))
+    plain.load_state_dict(p.state_dict())  # no weights of its own: it shares the motion norm and the projections
+    x = torch.randn(2, 8, 5, 12)
+    out = p(x)
+    assert out.shape == (2, 2, 4, 16) and p.tokens_out == 8
+    torch.testing.assert_close(out[:, :, :3], plain(x))  # the latents are untouched
+    pooled = x.mean(2)
+    for g in range(2):
+        change = pooled[:, 4 * g + 3] - pooled[:, 4 * g]  # last frame of the group minus its first
+        expected = p.norm(p.in_proj(p.motion_norm(change))) + p.group_embedding[g]
+        torch.testing.assert_close(out[:, g, 3], expected)
+    middle = x.clone()
+    middle[:, [1, 2, 5, 6]] = torch.randn(2, 4, 5, 12)
+    torch.testing.assert_close(p(middle)[:, :, 3], out[:, :, 3])  # only the ends of a group count
+    torch.testing.assert_close(p(x + torch.randn(5, 12))[:, :, 3], out[:, :, 3])  # what stays cancels
+    backwards = p(x.flip(1))[:, 0, 3] - p.group_embedding[0]  # the second group's frames, played backwards
+    assert (backwards - (out[:, 1, 3] - p.group_embedding[1])).abs().max() > 1e-3  # is another motion
+
+
+def _video_adapter(bb, enc_dim=768, layers=(0, 2), **perceiver):
     cfg = CrossAttentionConfig.for_backbone(bb.config, 32, layers=list(layers))
     return VideoCrossAttentionAdapter(cfg, PerceiverConfig(media_dim=enc_dim, dim=32, num_latents=4, num_frames=4,
-                                                           group=4, depth=1, n_heads=4))
+                                                           group=4, depth=1, n_heads=4, **perceiver))
 
 
-def test_video_adapter_roundtrip_and_generation(tmp_path, clip):
+@pytest.mark.parametrize("perceiver", [{}, dict(motion_tokens=True, motion_summary=True)], ids=["plain", "summary"])
+def test_video_adapter_roundtrip_and_generation(tmp_path, clip, perceiver):
     bb = tiny_backbone()
     enc = VideoEncoder(VideoEncoderSpec(image=ImageEncoderSpec(name="resnet10t", image_size=32), num_frames=4))
-    adapter = randomise(_video_adapter(bb, enc.out_dim))
+    adapter = randomise(_video_adapter(bb, enc.out_dim, **perceiver))
     model = ComposedModel(bb, [adapter], encoders={"video": enc})
     ph = model.placeholder_ids["video"]
     prompts = [[1, 2, ph, 5, 6]]
@@ -144,7 +168,10 @@ def test_video_adapter_roundtrip_and_generation(tmp_path, clip):
     from sensorium.adapters.artifact import load_encoder
 
     bb2 = tiny_backbone()
-    again = ComposedModel(bb2, [load_adapter(folder, backbone=bb2)], encoders={"video": load_encoder(folder)})
+    loaded = load_adapter(folder, backbone=bb2)
+    assert loaded.perceiver_config == adapter.perceiver_config
+    assert loaded.resample(torch.randn(1, 4 * enc.tokens_per_frame, enc.out_dim)).shape[1] == 4 + bool(perceiver)
+    again = ComposedModel(bb2, [loaded], encoders={"video": load_encoder(folder)})
     assert again.generate_ids(prompts, media, max_new_tokens=5, stop_ids=[]) == out
 
 
@@ -202,6 +229,7 @@ def test_positions_in_keys_only_steer_the_attention_but_reach_only_the_chosen_he
     (dict(group=3), "num_frames 8 is not a multiple of group 3"),
     (dict(positions_in_keys_only=True, position_value_heads=5), r"position_value_heads must be in 0\.\.4, got 5"),
     (dict(position_value_heads=1), "position_value_heads needs positions_in_keys_only"),
+    (dict(motion_summary=True), "motion_summary needs motion_tokens"),
 ])
 def test_perceiver_config_refuses_impossible_settings(change, message):
     cfg = dict(media_dim=12, dim=16, num_latents=3, num_frames=8, group=4, n_heads=4) | change

@@ -173,6 +173,19 @@ def test_context_turns_reach_the_training_collator_only(tmp_path):
     assert module.training_collator().earlier_kinds == ("video", "speech")
 
 
+@pytest.mark.parametrize("kwargs,eps", [({}, 1e-8), ({"adam_eps": 1e-13}, 1e-13)])
+def test_adam_eps_reaches_every_parameter_group(tmp_path, kwargs, eps):
+    import types
+
+    from sensorium.encoders import ImageEncoderSpec
+    from sensorium.training import ImageAdapterModule
+
+    module = ImageAdapterModule(backbone=str(tiny_backbone_folder(tmp_path / "bb")), every=1,
+                                encoder=ImageEncoderSpec(name="resnet10t", image_size=32), **kwargs)
+    module.trainer = types.SimpleNamespace(max_steps=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert [g["eps"] for g in optimizer.param_groups] == [eps, eps]
+
 
 def test_activation_checkpointing_recomputes_layers_with_the_same_gradients():
     """With ``activation_checkpointing`` every decoder layer runs again in the backward, and the adapter's
